@@ -1,0 +1,122 @@
+//! Audit events: an append-only record of who did what to whom. Stores write them in
+//! the same transaction as the change they describe; login history is part of it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Timestamp;
+use crate::identity::str_enum;
+use crate::ids::{AuditEventId, UserId};
+
+/// Who acted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "id", rename_all = "snake_case")]
+pub enum Actor {
+    /// A signed-in user acting for themselves.
+    User(UserId),
+    /// Someone not (yet) signed in: a failed login, a registration.
+    Anonymous,
+    /// Tollgate itself (CLI, background jobs).
+    System,
+}
+
+impl Actor {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Actor::User(_) => "user",
+            Actor::Anonymous => "anonymous",
+            Actor::System => "system",
+        }
+    }
+
+    pub fn id(&self) -> Option<String> {
+        match self {
+            Actor::User(id) => Some(id.to_string()),
+            Actor::Anonymous | Actor::System => None,
+        }
+    }
+
+    pub fn from_parts(kind: &str, id: Option<&str>) -> Option<Self> {
+        match (kind, id) {
+            ("user", Some(id)) => id.parse().ok().map(Actor::User),
+            ("anonymous", _) => Some(Actor::Anonymous),
+            ("system", _) => Some(Actor::System),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+str_enum!(Severity { Info => "info", Warning => "warning", Critical => "critical" });
+
+/// Where a request came from, carried into audit events and sessions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestOrigin {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditEvent {
+    pub id: AuditEventId,
+    pub actor: Actor,
+    /// `noun.verb_past`, e.g. `login.failed`, `session.revoked`.
+    pub action: String,
+    /// What was acted on, e.g. `("user", "<uuid>")`.
+    pub target_type: Option<String>,
+    pub target_id: Option<String>,
+    pub metadata: serde_json::Value,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub severity: Severity,
+    pub created_at: Timestamp,
+}
+
+impl AuditEvent {
+    pub fn new(actor: Actor, action: &str, origin: &RequestOrigin, now: Timestamp) -> Self {
+        Self {
+            id: AuditEventId::new(),
+            actor,
+            action: action.to_owned(),
+            target_type: None,
+            target_id: None,
+            metadata: serde_json::Value::Object(Default::default()),
+            ip: origin.ip.clone(),
+            user_agent: origin.user_agent.clone(),
+            severity: Severity::Info,
+            created_at: now,
+        }
+    }
+
+    pub fn target_user(mut self, user: UserId) -> Self {
+        self.target_type = Some("user".into());
+        self.target_id = Some(user.to_string());
+        self
+    }
+
+    pub fn severity(mut self, severity: Severity) -> Self {
+        self.severity = severity;
+        self
+    }
+
+    pub fn meta(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        if let serde_json::Value::Object(map) = &mut self.metadata {
+            map.insert(key.to_owned(), value.into());
+        }
+        self
+    }
+}
+
+/// Filter for reading the audit log back.
+#[derive(Clone, Debug, Default)]
+pub struct AuditQuery {
+    pub target_user: Option<UserId>,
+    pub action_prefix: Option<String>,
+    pub limit: u32,
+}

@@ -1,0 +1,21 @@
+//! Tollgate's domain: accounts, identity, audit and email rules as types and pure
+//! functions, plus the [`Store`] trait every database backend implements.
+//!
+//! Nothing here speaks HTTP, SQL or Redis. The server calls the flows in
+//! [`identity`]; each flow ends in exactly one [`Store`] method, which the backend runs
+//! as one transaction.
+
+pub mod audit;
+pub mod email;
+pub mod ids;
+pub mod identity;
+pub mod ratelimit;
+pub mod store;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use store::{Store, StoreError};
+
+/// All timestamps in Tollgate are UTC.
+pub type Timestamp = time::OffsetDateTime;

@@ -1,0 +1,170 @@
+//! The storage boundary. Each method is one use case and runs as one transaction in
+//! the backend (SQLite or PostgreSQL), so the rest of Tollgate never sees a
+//! transaction and never half-writes. Both backends pass the same conformance suite
+//! (`conformance`, expanded into named tests by each store crate).
+
+use async_trait::async_trait;
+
+use crate::Timestamp;
+use crate::audit::{AuditEvent, AuditQuery};
+use crate::email::{NewEmail, OutboxEmail};
+use crate::identity::{
+    EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
+    TokenDigest, TokenEffect, TokenPurpose, User,
+};
+use crate::ids::{EmailId, SessionId, UserId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness rule was violated; the name says which (e.g. `users_email`).
+    #[error("conflict on {0}")]
+    Conflict(&'static str),
+    /// The database could not be reached or timed out.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug or corrupt data. Logged, never shown to clients.
+    #[error("database error: {0}")]
+    Internal(String),
+}
+
+/// A one-time token to create, with the email that carries it (if any).
+#[derive(Clone, Debug)]
+pub struct NewOneTimeToken {
+    pub token: OneTimeToken,
+    pub email: Option<NewEmail>,
+}
+
+/// A refresh-token rotation request.
+#[derive(Clone, Debug)]
+pub struct Rotation {
+    pub presented: TokenDigest,
+    pub replacement: TokenDigest,
+    pub now: Timestamp,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap round trip, for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    // ---- users -------------------------------------------------------------------
+
+    /// Creates a user, their personal account, and optionally a one-time token with
+    /// its email, plus an audit event. `Conflict("users_email")` when the email is in
+    /// use by a user that is not deleted.
+    async fn create_user(&self, user: NewUser, token: Option<NewOneTimeToken>, audit: AuditEvent) -> Result<User, StoreError>;
+
+    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError>;
+
+    /// Finds a user who is not deleted by (normalised) email.
+    async fn user_by_email(&self, email: &EmailAddress) -> Result<Option<User>, StoreError>;
+
+    /// Sets name and locale; `None` leaves a field as it is.
+    async fn update_profile(&self, id: UserId, name: Option<Option<String>>, locale: Option<Locale>, now: Timestamp) -> Result<User, StoreError>;
+
+    /// Sets the password hash and ends every session of the user except `keep`.
+    async fn change_password(&self, id: UserId, password_hash: String, keep: Option<SessionId>, audit: AuditEvent) -> Result<(), StoreError>;
+
+    /// Gives an existing user the admin role, or creates an admin without a password;
+    /// then issues `token` (a password-reset link) for them.
+    async fn upsert_admin(&self, user: NewUser, token: OneTimeToken, audit: AuditEvent) -> Result<User, StoreError>;
+
+    // ---- one-time tokens ---------------------------------------------------------
+
+    /// Stores a token (and its email in the outbox) in one transaction.
+    async fn issue_token(&self, token: NewOneTimeToken) -> Result<(), StoreError>;
+
+    /// A live (unused, unexpired) token of `purpose`, without using it.
+    async fn peek_token(&self, digest: &TokenDigest, purpose: TokenPurpose, now: Timestamp) -> Result<Option<OneTimeToken>, StoreError>;
+
+    /// Marks a live token of `purpose` used and applies `effect`, all or nothing.
+    /// `NotFound` when the token is unknown, used, expired, or its user is not active;
+    /// `Conflict("users_email")` when a changed email is now taken.
+    async fn redeem_token(
+        &self,
+        digest: &TokenDigest,
+        purpose: TokenPurpose,
+        now: Timestamp,
+        effect: TokenEffect,
+        audit: AuditEvent,
+    ) -> Result<Redeemed, StoreError>;
+
+    // ---- sessions ----------------------------------------------------------------
+
+    /// Opens a session after a successful login and records the login.
+    async fn create_session(&self, session: NewSession, audit: AuditEvent) -> Result<Session, StoreError>;
+
+    /// Rotates a refresh token; a replayed (already rotated) token revokes its session.
+    async fn rotate_refresh_token(&self, rotation: Rotation) -> Result<RefreshOutcome, StoreError>;
+
+    /// The session and its user, whatever their state (callers check liveness).
+    async fn session_with_user(&self, id: SessionId) -> Result<Option<(Session, User)>, StoreError>;
+
+    /// Records activity; writes only when the stored time is older than `stale_before`,
+    /// so a busy session does not write on every request.
+    async fn touch_session(&self, id: SessionId, now: Timestamp, stale_before: Timestamp) -> Result<(), StoreError>;
+
+    /// Live sessions of a user, newest first.
+    async fn list_sessions(&self, user: UserId, now: Timestamp) -> Result<Vec<Session>, StoreError>;
+
+    /// Revokes the user's live sessions in `scope`; returns how many. `NotFound` when
+    /// `SessionScope::One` names no live session of this user.
+    async fn revoke_sessions(&self, user: UserId, scope: SessionScope, audit: AuditEvent) -> Result<u64, StoreError>;
+
+    // ---- second factor -----------------------------------------------------------
+
+    /// Stores a new TOTP secret for a user whose 2FA is not enabled yet.
+    /// `Conflict("totp_enabled")` when it is.
+    async fn set_totp_secret(&self, user: UserId, secret: String, now: Timestamp) -> Result<(), StoreError>;
+
+    /// Turns 2FA on with the step of the code that proved the secret and replaces the
+    /// recovery codes. `Conflict("totp_enabled")` when already on, `NotFound` without
+    /// a secret.
+    async fn enable_totp(&self, user: UserId, step: i64, recovery_codes: Vec<TokenDigest>, audit: AuditEvent) -> Result<(), StoreError>;
+
+    /// Accepts a TOTP step once: true only if `step` is newer than the last one used.
+    async fn use_totp_step(&self, user: UserId, step: i64) -> Result<bool, StoreError>;
+
+    /// Uses a recovery code once: true if it existed unused.
+    async fn use_recovery_code(&self, user: UserId, code: &TokenDigest, now: Timestamp) -> Result<bool, StoreError>;
+
+    /// Replaces all recovery codes.
+    async fn replace_recovery_codes(&self, user: UserId, codes: Vec<TokenDigest>, audit: AuditEvent) -> Result<(), StoreError>;
+
+    /// How many recovery codes are still unused.
+    async fn unused_recovery_codes(&self, user: UserId) -> Result<u32, StoreError>;
+
+    /// Turns 2FA off, forgetting the secret and the recovery codes.
+    async fn disable_totp(&self, user: UserId, audit: AuditEvent) -> Result<(), StoreError>;
+
+    // ---- audit -------------------------------------------------------------------
+
+    async fn record_audit(&self, event: AuditEvent) -> Result<(), StoreError>;
+
+    /// Newest first.
+    async fn list_audit(&self, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;
+
+    // ---- email outbox ------------------------------------------------------------
+
+    /// Claims up to `limit` due emails (pending, next attempt due, not claimed by a
+    /// live lease) until `lease_until`, so concurrent senders never send one twice.
+    async fn claim_emails(&self, now: Timestamp, lease_until: Timestamp, limit: u32) -> Result<Vec<OutboxEmail>, StoreError>;
+
+    /// Records the outcome of a delivery attempt: sent (or logged), retry at a time,
+    /// or failed for good.
+    async fn finish_email(&self, id: EmailId, outcome: EmailOutcome, now: Timestamp) -> Result<(), StoreError>;
+
+    /// Emails not yet delivered (for health and tests).
+    async fn pending_email_count(&self) -> Result<u64, StoreError>;
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum EmailOutcome {
+    Sent,
+    Logged,
+    Retry { at: Timestamp, error: String },
+    Failed { error: String },
+}
+

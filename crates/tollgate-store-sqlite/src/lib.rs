@@ -1,0 +1,116 @@
+//! Tollgate's [`Store`](tollgate_core::Store) on embedded SQLite, the default backend.
+//!
+//! One writer connection and a pool of readers: SQLite allows one writer at a time
+//! anyway, and serialising writes in-process means transactions never fail with
+//! `SQLITE_BUSY` lock upgrades (the classic "database is locked"). WAL lets readers
+//! run alongside the writer.
+
+mod migrations;
+mod rows;
+mod store;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use tollgate_core::StoreError;
+
+pub use migrations::MIGRATIONS;
+
+/// The SQLite store. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://path/to/file.db`)
+    /// and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let store = Self::connect(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Opens without migrating (for `tollgate migrate` to report what it applies).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Unavailable(format!("bad SQLite URL: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL in WAL mode: a commit survives a crash of the process (kill -9);
+            // only an OS crash or power loss can lose the last transactions.
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(unavailable)?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(unavailable)?;
+        Ok(Self { writer, reader })
+    }
+
+    /// Applies pending migrations; returns the versions applied now.
+    pub async fn migrate(&self) -> Result<Vec<i64>, StoreError> {
+        migrations::run(&self.writer).await
+    }
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Maps sqlx errors to store errors, naming the unique rules the domain cares about.
+pub(crate) fn db_error(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            let message = db.message();
+            if message.contains("users.email") {
+                StoreError::Conflict("users_email")
+            } else if message.contains("accounts.external_id") {
+                StoreError::Conflict("accounts_external_id")
+            } else {
+                StoreError::Conflict("unique")
+            }
+        }
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => StoreError::NotFound,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod conformance {
+    use std::sync::Arc;
+
+    use tollgate_core::Store;
+
+    use super::SqliteStore;
+
+    /// A fresh database file per test; the directory is leaked on purpose so the
+    /// file outlives the pools (it lives under the OS temp dir).
+    async fn fresh() -> Option<Arc<dyn Store>> {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let url = format!("sqlite://{}", dir.join("tollgate.db").display());
+        Some(Arc::new(SqliteStore::open(&url).await.unwrap()))
+    }
+
+    tollgate_core::conformance_tests!(fresh());
+
+    #[tokio::test]
+    async fn migrating_twice_does_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        assert_eq!(store.migrate().await.unwrap(), vec![1]);
+        assert!(store.migrate().await.unwrap().is_empty());
+    }
+}
