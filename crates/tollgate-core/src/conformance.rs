@@ -17,9 +17,16 @@ use crate::identity::{
 use crate::ids::{AccountId, OneTimeTokenId, SessionId, UserId};
 use crate::store::{EmailOutcome, NewOneTimeToken, Rotation, Store, StoreError};
 
+/// A fresh store for one test, and how to clean up after it.
+pub trait Fixture {
+    fn store(&self) -> Arc<dyn Store>;
+    /// Runs after a passing test (a failing one leaves its database for inspection).
+    fn cleanup(self) -> impl std::future::Future<Output = ()> + Send;
+}
+
 /// Expands the suite into `#[tokio::test]`s. `$make` is an async expression giving an
-/// `Option<Arc<dyn Store>>` (None: backend unavailable, test skipped by the caller's
-/// rules).
+/// `Option<impl Fixture>` (None: backend unavailable; the backend decides whether that
+/// is a loud skip or a failure).
 #[macro_export]
 macro_rules! conformance_tests {
     ($make:expr) => {
@@ -36,8 +43,9 @@ macro_rules! conformance_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                if let Some(store) = $make.await {
-                    $crate::conformance::$name(store).await;
+                if let Some(fixture) = $make.await {
+                    $crate::conformance::$name($crate::conformance::Fixture::store(&fixture)).await;
+                    $crate::conformance::Fixture::cleanup(fixture).await;
                 }
             }
         )+

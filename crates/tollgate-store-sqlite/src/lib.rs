@@ -92,15 +92,32 @@ mod conformance {
     use std::sync::Arc;
 
     use tollgate_core::Store;
+    use tollgate_core::conformance::Fixture;
 
     use super::SqliteStore;
 
-    /// A fresh database file per test; the directory is leaked on purpose so the
-    /// file outlives the pools (it lives under the OS temp dir).
-    async fn fresh() -> Option<Arc<dyn Store>> {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let url = format!("sqlite://{}", dir.join("tollgate.db").display());
-        Some(Arc::new(SqliteStore::open(&url).await.unwrap()))
+    /// A fresh database file per test in its own temporary directory.
+    struct SqliteFixture {
+        store: Arc<dyn Store>,
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture for SqliteFixture {
+        fn store(&self) -> Arc<dyn Store> {
+            self.store.clone()
+        }
+
+        async fn cleanup(self) {
+            drop(self.store);
+            drop(self.dir);
+        }
+    }
+
+    async fn fresh() -> Option<SqliteFixture> {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+        let store = Arc::new(SqliteStore::open(&url).await.unwrap());
+        Some(SqliteFixture { store, dir })
     }
 
     tollgate_core::conformance_tests!(fresh());
