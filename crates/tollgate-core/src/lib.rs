@@ -7,8 +7,8 @@
 
 pub mod audit;
 pub mod email;
-pub mod ids;
 pub mod identity;
+pub mod ids;
 pub mod ratelimit;
 pub mod store;
 

@@ -9,8 +9,8 @@ use crate::Timestamp;
 use crate::audit::{AuditEvent, AuditQuery};
 use crate::email::{NewEmail, OutboxEmail};
 use crate::identity::{
-    EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
-    TokenDigest, TokenEffect, TokenPurpose, User,
+    EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session,
+    SessionScope, TokenDigest, TokenEffect, TokenPurpose, User,
 };
 use crate::ids::{EmailId, SessionId, UserId};
 
@@ -54,7 +54,12 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a user, their personal account, and optionally a one-time token with
     /// its email, plus an audit event. `Conflict("users_email")` when the email is in
     /// use by a user that is not deleted.
-    async fn create_user(&self, user: NewUser, token: Option<NewOneTimeToken>, audit: AuditEvent) -> Result<User, StoreError>;
+    async fn create_user(
+        &self,
+        user: NewUser,
+        token: Option<NewOneTimeToken>,
+        audit: AuditEvent,
+    ) -> Result<User, StoreError>;
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError>;
 
@@ -62,14 +67,31 @@ pub trait Store: Send + Sync + 'static {
     async fn user_by_email(&self, email: &EmailAddress) -> Result<Option<User>, StoreError>;
 
     /// Sets name and locale; `None` leaves a field as it is.
-    async fn update_profile(&self, id: UserId, name: Option<Option<String>>, locale: Option<Locale>, now: Timestamp) -> Result<User, StoreError>;
+    async fn update_profile(
+        &self,
+        id: UserId,
+        name: Option<Option<String>>,
+        locale: Option<Locale>,
+        now: Timestamp,
+    ) -> Result<User, StoreError>;
 
     /// Sets the password hash and ends every session of the user except `keep`.
-    async fn change_password(&self, id: UserId, password_hash: String, keep: Option<SessionId>, audit: AuditEvent) -> Result<(), StoreError>;
+    async fn change_password(
+        &self,
+        id: UserId,
+        password_hash: String,
+        keep: Option<SessionId>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
 
     /// Gives an existing user the admin role, or creates an admin without a password;
     /// then issues `token` (a password-reset link) for them.
-    async fn upsert_admin(&self, user: NewUser, token: OneTimeToken, audit: AuditEvent) -> Result<User, StoreError>;
+    async fn upsert_admin(
+        &self,
+        user: NewUser,
+        token: OneTimeToken,
+        audit: AuditEvent,
+    ) -> Result<User, StoreError>;
 
     // ---- one-time tokens ---------------------------------------------------------
 
@@ -77,7 +99,12 @@ pub trait Store: Send + Sync + 'static {
     async fn issue_token(&self, token: NewOneTimeToken) -> Result<(), StoreError>;
 
     /// A live (unused, unexpired) token of `purpose`, without using it.
-    async fn peek_token(&self, digest: &TokenDigest, purpose: TokenPurpose, now: Timestamp) -> Result<Option<OneTimeToken>, StoreError>;
+    async fn peek_token(
+        &self,
+        digest: &TokenDigest,
+        purpose: TokenPurpose,
+        now: Timestamp,
+    ) -> Result<Option<OneTimeToken>, StoreError>;
 
     /// Marks a live token of `purpose` used and applies `effect`, all or nothing.
     /// `NotFound` when the token is unknown, used, expired, or its user is not active;
@@ -94,44 +121,81 @@ pub trait Store: Send + Sync + 'static {
     // ---- sessions ----------------------------------------------------------------
 
     /// Opens a session after a successful login and records the login.
-    async fn create_session(&self, session: NewSession, audit: AuditEvent) -> Result<Session, StoreError>;
+    async fn create_session(
+        &self,
+        session: NewSession,
+        audit: AuditEvent,
+    ) -> Result<Session, StoreError>;
 
     /// Rotates a refresh token; a replayed (already rotated) token revokes its session.
     async fn rotate_refresh_token(&self, rotation: Rotation) -> Result<RefreshOutcome, StoreError>;
 
     /// The session and its user, whatever their state (callers check liveness).
-    async fn session_with_user(&self, id: SessionId) -> Result<Option<(Session, User)>, StoreError>;
+    async fn session_with_user(&self, id: SessionId)
+    -> Result<Option<(Session, User)>, StoreError>;
 
     /// Records activity; writes only when the stored time is older than `stale_before`,
     /// so a busy session does not write on every request.
-    async fn touch_session(&self, id: SessionId, now: Timestamp, stale_before: Timestamp) -> Result<(), StoreError>;
+    async fn touch_session(
+        &self,
+        id: SessionId,
+        now: Timestamp,
+        stale_before: Timestamp,
+    ) -> Result<(), StoreError>;
 
     /// Live sessions of a user, newest first.
-    async fn list_sessions(&self, user: UserId, now: Timestamp) -> Result<Vec<Session>, StoreError>;
+    async fn list_sessions(&self, user: UserId, now: Timestamp)
+    -> Result<Vec<Session>, StoreError>;
 
     /// Revokes the user's live sessions in `scope`; returns how many. `NotFound` when
     /// `SessionScope::One` names no live session of this user.
-    async fn revoke_sessions(&self, user: UserId, scope: SessionScope, audit: AuditEvent) -> Result<u64, StoreError>;
+    async fn revoke_sessions(
+        &self,
+        user: UserId,
+        scope: SessionScope,
+        audit: AuditEvent,
+    ) -> Result<u64, StoreError>;
 
     // ---- second factor -----------------------------------------------------------
 
     /// Stores a new TOTP secret for a user whose 2FA is not enabled yet.
     /// `Conflict("totp_enabled")` when it is.
-    async fn set_totp_secret(&self, user: UserId, secret: String, now: Timestamp) -> Result<(), StoreError>;
+    async fn set_totp_secret(
+        &self,
+        user: UserId,
+        secret: String,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
 
     /// Turns 2FA on with the step of the code that proved the secret and replaces the
     /// recovery codes. `Conflict("totp_enabled")` when already on, `NotFound` without
     /// a secret.
-    async fn enable_totp(&self, user: UserId, step: i64, recovery_codes: Vec<TokenDigest>, audit: AuditEvent) -> Result<(), StoreError>;
+    async fn enable_totp(
+        &self,
+        user: UserId,
+        step: i64,
+        recovery_codes: Vec<TokenDigest>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
 
     /// Accepts a TOTP step once: true only if `step` is newer than the last one used.
     async fn use_totp_step(&self, user: UserId, step: i64) -> Result<bool, StoreError>;
 
     /// Uses a recovery code once: true if it existed unused.
-    async fn use_recovery_code(&self, user: UserId, code: &TokenDigest, now: Timestamp) -> Result<bool, StoreError>;
+    async fn use_recovery_code(
+        &self,
+        user: UserId,
+        code: &TokenDigest,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
 
     /// Replaces all recovery codes.
-    async fn replace_recovery_codes(&self, user: UserId, codes: Vec<TokenDigest>, audit: AuditEvent) -> Result<(), StoreError>;
+    async fn replace_recovery_codes(
+        &self,
+        user: UserId,
+        codes: Vec<TokenDigest>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
 
     /// How many recovery codes are still unused.
     async fn unused_recovery_codes(&self, user: UserId) -> Result<u32, StoreError>;
@@ -150,11 +214,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Claims up to `limit` due emails (pending, next attempt due, not claimed by a
     /// live lease) until `lease_until`, so concurrent senders never send one twice.
-    async fn claim_emails(&self, now: Timestamp, lease_until: Timestamp, limit: u32) -> Result<Vec<OutboxEmail>, StoreError>;
+    async fn claim_emails(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<OutboxEmail>, StoreError>;
 
     /// Records the outcome of a delivery attempt: sent (or logged), retry at a time,
     /// or failed for good.
-    async fn finish_email(&self, id: EmailId, outcome: EmailOutcome, now: Timestamp) -> Result<(), StoreError>;
+    async fn finish_email(
+        &self,
+        id: EmailId,
+        outcome: EmailOutcome,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
 
     /// Emails not yet delivered (for health and tests).
     async fn pending_email_count(&self) -> Result<u64, StoreError>;
@@ -167,4 +241,3 @@ pub enum EmailOutcome {
     Retry { at: Timestamp, error: String },
     Failed { error: String },
 }
-

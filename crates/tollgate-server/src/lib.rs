@@ -1,1 +1,15 @@
-//! placeholder
+//! Tollgate's server: configuration, the HTTP API, background workers and the
+//! `tollgate` command line. The domain lives in `tollgate-core`; storage in the
+//! store crates.
+
+pub mod access_token;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod mailer;
+pub mod metrics;
+pub mod rate_limiter;
+pub mod routes;
+pub mod server;
+pub mod state;

@@ -4,7 +4,9 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use tollgate_core::audit::{Actor, AuditEvent, Severity};
 use tollgate_core::email::OutboxEmail;
-use tollgate_core::identity::{EmailAddress, Locale, OneTimeToken, Role, Session, TokenDigest, TokenPurpose, User, UserStatus};
+use tollgate_core::identity::{
+    EmailAddress, Locale, OneTimeToken, Role, Session, TokenDigest, TokenPurpose, User, UserStatus,
+};
 use tollgate_core::ids::{AccountId, AuditEventId, EmailId, OneTimeTokenId, SessionId, UserId};
 use tollgate_core::{StoreError, Timestamp};
 use uuid::Uuid;
@@ -14,18 +16,25 @@ pub(crate) fn micros(t: Timestamp) -> i64 {
 }
 
 pub(crate) fn from_micros(us: i64) -> Result<Timestamp, StoreError> {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).map_err(|e| StoreError::Internal(e.to_string()))
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .map_err(|e| StoreError::Internal(e.to_string()))
 }
 
 fn opt_ts(row: &SqliteRow, col: &str) -> Result<Option<Timestamp>, StoreError> {
-    row.try_get::<Option<i64>, _>(col).map_err(crate::db_error)?.map(from_micros).transpose()
+    row.try_get::<Option<i64>, _>(col)
+        .map_err(crate::db_error)?
+        .map(from_micros)
+        .transpose()
 }
 
 fn ts(row: &SqliteRow, col: &str) -> Result<Timestamp, StoreError> {
     from_micros(row.try_get(col).map_err(crate::db_error)?)
 }
 
-fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(row: &'r SqliteRow, col: &str) -> Result<T, StoreError> {
+fn get<'r, T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
+    row: &'r SqliteRow,
+    col: &str,
+) -> Result<T, StoreError> {
     row.try_get(col).map_err(crate::db_error)
 }
 
@@ -119,11 +128,13 @@ pub(crate) fn audit_event(row: &SqliteRow) -> Result<AuditEvent, StoreError> {
     let metadata: String = get(row, "metadata")?;
     Ok(AuditEvent {
         id: AuditEventId(get::<Uuid>(row, "id")?),
-        actor: Actor::from_parts(&actor_type, actor_id.as_deref()).ok_or_else(|| corrupt("actor", &actor_type))?,
+        actor: Actor::from_parts(&actor_type, actor_id.as_deref())
+            .ok_or_else(|| corrupt("actor", &actor_type))?,
         action: get(row, "action")?,
         target_type: get(row, "target_type")?,
         target_id: get(row, "target_id")?,
-        metadata: serde_json::from_str(&metadata).map_err(|e| StoreError::Internal(e.to_string()))?,
+        metadata: serde_json::from_str(&metadata)
+            .map_err(|e| StoreError::Internal(e.to_string()))?,
         ip: get(row, "ip")?,
         user_agent: get(row, "user_agent")?,
         severity: Severity::parse(&severity).ok_or_else(|| corrupt("severity", &severity))?,

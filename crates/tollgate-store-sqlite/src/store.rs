@@ -7,8 +7,8 @@ use sqlx::{QueryBuilder, Row};
 use tollgate_core::audit::{AuditEvent, AuditQuery};
 use tollgate_core::email::{EmailStatus, NewEmail, OutboxEmail};
 use tollgate_core::identity::{
-    EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope, TokenDigest,
-    TokenEffect, TokenPurpose, User,
+    EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session,
+    SessionScope, TokenDigest, TokenEffect, TokenPurpose, User,
 };
 use tollgate_core::ids::{EmailId, SessionId, UserId};
 use tollgate_core::store::{EmailOutcome, NewOneTimeToken, Rotation};
@@ -75,7 +75,10 @@ async fn insert_email(conn: &mut SqliteConnection, e: &NewEmail) -> Result<(), S
     Ok(())
 }
 
-async fn insert_one_time_token(conn: &mut SqliteConnection, t: &NewOneTimeToken) -> Result<(), StoreError> {
+async fn insert_one_time_token(
+    conn: &mut SqliteConnection,
+    t: &NewOneTimeToken,
+) -> Result<(), StoreError> {
     insert_token(conn, &t.token).await?;
     if let Some(email) = &t.email {
         insert_email(conn, email).await?;
@@ -111,15 +114,22 @@ async fn insert_user(conn: &mut SqliteConnection, u: &NewUser) -> Result<(), Sto
 }
 
 async fn fetch_user(conn: &mut SqliteConnection, id: UserId) -> Result<Option<User>, StoreError> {
-    let row = sqlx::query(concat!("SELECT ", rows::user_columns!(), " FROM users WHERE id = ?1"))
-        .bind(id.0)
-        .fetch_optional(conn)
-        .await
-        .map_err(db_error)?;
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        rows::user_columns!(),
+        " FROM users WHERE id = ?1"
+    ))
+    .bind(id.0)
+    .fetch_optional(conn)
+    .await
+    .map_err(db_error)?;
     row.as_ref().map(rows::user).transpose()
 }
 
-async fn insert_session(conn: &mut SqliteConnection, s: &NewSession) -> Result<Session, StoreError> {
+async fn insert_session(
+    conn: &mut SqliteConnection,
+    s: &NewSession,
+) -> Result<Session, StoreError> {
     sqlx::query(
         "INSERT INTO sessions (id, user_id, ip, user_agent, created_at, last_seen_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
     )
@@ -148,16 +158,27 @@ async fn insert_session(conn: &mut SqliteConnection, s: &NewSession) -> Result<S
     fetch_session(conn, s.id).await?.ok_or(StoreError::NotFound)
 }
 
-async fn fetch_session(conn: &mut SqliteConnection, id: SessionId) -> Result<Option<Session>, StoreError> {
-    let row = sqlx::query(concat!("SELECT ", rows::session_columns!(), " FROM sessions WHERE id = ?1"))
-        .bind(id.0)
-        .fetch_optional(conn)
-        .await
-        .map_err(db_error)?;
+async fn fetch_session(
+    conn: &mut SqliteConnection,
+    id: SessionId,
+) -> Result<Option<Session>, StoreError> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        rows::session_columns!(),
+        " FROM sessions WHERE id = ?1"
+    ))
+    .bind(id.0)
+    .fetch_optional(conn)
+    .await
+    .map_err(db_error)?;
     row.as_ref().map(rows::session).transpose()
 }
 
-async fn mark_verified(conn: &mut SqliteConnection, user: UserId, now: Timestamp) -> Result<(), StoreError> {
+async fn mark_verified(
+    conn: &mut SqliteConnection,
+    user: UserId,
+    now: Timestamp,
+) -> Result<(), StoreError> {
     sqlx::query("UPDATE users SET email_verified_at = COALESCE(email_verified_at, ?2), updated_at = ?2 WHERE id = ?1")
         .bind(user.0)
         .bind(micros(now))
@@ -168,7 +189,12 @@ async fn mark_verified(conn: &mut SqliteConnection, user: UserId, now: Timestamp
 }
 
 /// Revokes live sessions of `user`, optionally sparing one; returns how many.
-async fn revoke_all(conn: &mut SqliteConnection, user: UserId, except: Option<SessionId>, now: Timestamp) -> Result<u64, StoreError> {
+async fn revoke_all(
+    conn: &mut SqliteConnection,
+    user: UserId,
+    except: Option<SessionId>,
+    now: Timestamp,
+) -> Result<u64, StoreError> {
     let done = sqlx::query(
         "UPDATE sessions SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2 AND (?3 IS NULL OR id <> ?3)",
     )
@@ -191,18 +217,28 @@ fn with_target(mut audit: AuditEvent, user: UserId) -> AuditEvent {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.reader).await.map_err(db_error)?;
+        sqlx::query("SELECT 1")
+            .execute(&self.reader)
+            .await
+            .map_err(db_error)?;
         Ok(())
     }
 
-    async fn create_user(&self, user: NewUser, token: Option<NewOneTimeToken>, audit: AuditEvent) -> Result<User, StoreError> {
+    async fn create_user(
+        &self,
+        user: NewUser,
+        token: Option<NewOneTimeToken>,
+        audit: AuditEvent,
+    ) -> Result<User, StoreError> {
         let mut tx = self.writer.begin().await.map_err(db_error)?;
         insert_user(&mut tx, &user).await?;
         if let Some(token) = &token {
             insert_one_time_token(&mut tx, token).await?;
         }
         insert_audit(&mut tx, &audit).await?;
-        let created = fetch_user(&mut tx, user.id).await?.ok_or(StoreError::NotFound)?;
+        let created = fetch_user(&mut tx, user.id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         tx.commit().await.map_err(db_error)?;
         Ok(created)
     }
@@ -213,15 +249,25 @@ impl Store for SqliteStore {
     }
 
     async fn user_by_email(&self, email: &EmailAddress) -> Result<Option<User>, StoreError> {
-        let row = sqlx::query(concat!("SELECT ", rows::user_columns!(), " FROM users WHERE email = ?1 AND status <> 'deleted'"))
-            .bind(email.as_str())
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(db_error)?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            rows::user_columns!(),
+            " FROM users WHERE email = ?1 AND status <> 'deleted'"
+        ))
+        .bind(email.as_str())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db_error)?;
         row.as_ref().map(rows::user).transpose()
     }
 
-    async fn update_profile(&self, id: UserId, name: Option<Option<String>>, locale: Option<Locale>, now: Timestamp) -> Result<User, StoreError> {
+    async fn update_profile(
+        &self,
+        id: UserId,
+        name: Option<Option<String>>,
+        locale: Option<Locale>,
+        now: Timestamp,
+    ) -> Result<User, StoreError> {
         let row = sqlx::query(concat!("UPDATE users SET name = CASE WHEN ?2 THEN ?3 ELSE name END, locale = COALESCE(?4, locale), updated_at = ?5 \
              WHERE id = ?1 RETURNING ", rows::user_columns!(), ""))
         .bind(id.0)
@@ -232,19 +278,29 @@ impl Store for SqliteStore {
         .fetch_optional(&self.writer)
         .await
         .map_err(db_error)?;
-        row.as_ref().map(rows::user).transpose()?.ok_or(StoreError::NotFound)
+        row.as_ref()
+            .map(rows::user)
+            .transpose()?
+            .ok_or(StoreError::NotFound)
     }
 
-    async fn change_password(&self, id: UserId, password_hash: String, keep: Option<SessionId>, audit: AuditEvent) -> Result<(), StoreError> {
+    async fn change_password(
+        &self,
+        id: UserId,
+        password_hash: String,
+        keep: Option<SessionId>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
         let now = audit.created_at;
         let mut tx = self.writer.begin().await.map_err(db_error)?;
-        let done = sqlx::query("UPDATE users SET password_hash = ?2, updated_at = ?3 WHERE id = ?1")
-            .bind(id.0)
-            .bind(&password_hash)
-            .bind(micros(now))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        let done =
+            sqlx::query("UPDATE users SET password_hash = ?2, updated_at = ?3 WHERE id = ?1")
+                .bind(id.0)
+                .bind(&password_hash)
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -253,14 +309,20 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(db_error)
     }
 
-    async fn upsert_admin(&self, user: NewUser, mut token: OneTimeToken, audit: AuditEvent) -> Result<User, StoreError> {
+    async fn upsert_admin(
+        &self,
+        user: NewUser,
+        mut token: OneTimeToken,
+        audit: AuditEvent,
+    ) -> Result<User, StoreError> {
         let now = audit.created_at;
         let mut tx = self.writer.begin().await.map_err(db_error)?;
-        let existing: Option<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE email = ?1 AND status <> 'deleted'")
-            .bind(user.email.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        let existing: Option<Uuid> =
+            sqlx::query_scalar("SELECT id FROM users WHERE email = ?1 AND status <> 'deleted'")
+                .bind(user.email.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
         let id = match existing {
             Some(id) => {
                 sqlx::query("UPDATE users SET role = 'admin', updated_at = ?2 WHERE id = ?1")
@@ -290,7 +352,12 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(db_error)
     }
 
-    async fn peek_token(&self, digest: &TokenDigest, purpose: TokenPurpose, now: Timestamp) -> Result<Option<OneTimeToken>, StoreError> {
+    async fn peek_token(
+        &self,
+        digest: &TokenDigest,
+        purpose: TokenPurpose,
+        now: Timestamp,
+    ) -> Result<Option<OneTimeToken>, StoreError> {
         let row = sqlx::query(concat!("SELECT ", rows::token_columns!(), " FROM one_time_tokens WHERE digest = ?1 AND purpose = ?2 AND used_at IS NULL AND expires_at > ?3"))
         .bind(&digest.0)
         .bind(purpose.as_str())
@@ -329,7 +396,9 @@ impl Store for SqliteStore {
         match effect {
             TokenEffect::VerifyEmail => mark_verified(&mut tx, user_id, now).await?,
             TokenEffect::ChangeEmail => {
-                let email = new_email.ok_or_else(|| StoreError::Internal("change_email token without new_email".into()))?;
+                let email = new_email.ok_or_else(|| {
+                    StoreError::Internal("change_email token without new_email".into())
+                })?;
                 sqlx::query("UPDATE users SET email = ?2, email_verified_at = ?3, updated_at = ?3 WHERE id = ?1")
                     .bind(user_id.0)
                     .bind(email)
@@ -351,19 +420,27 @@ impl Store for SqliteStore {
             }
             TokenEffect::StartSession(new_session) => {
                 if new_session.user_id != user_id {
-                    return Err(StoreError::Internal("session for another user than the token's".into()));
+                    return Err(StoreError::Internal(
+                        "session for another user than the token's".into(),
+                    ));
                 }
                 mark_verified(&mut tx, user_id, now).await?;
                 session = Some(insert_session(&mut tx, &new_session).await?);
             }
         }
         insert_audit(&mut tx, &with_target(audit, user_id)).await?;
-        let user = fetch_user(&mut tx, user_id).await?.ok_or(StoreError::NotFound)?;
+        let user = fetch_user(&mut tx, user_id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         tx.commit().await.map_err(db_error)?;
         Ok(Redeemed { user, session })
     }
 
-    async fn create_session(&self, session: NewSession, audit: AuditEvent) -> Result<Session, StoreError> {
+    async fn create_session(
+        &self,
+        session: NewSession,
+        audit: AuditEvent,
+    ) -> Result<Session, StoreError> {
         let mut tx = self.writer.begin().await.map_err(db_error)?;
         let created = insert_session(&mut tx, &session).await?;
         insert_audit(&mut tx, &with_target(audit, session.user_id)).await?;
@@ -400,10 +477,15 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db_error)?;
-            let audit = AuditEvent::new(tollgate_core::audit::Actor::System, "session.refresh_token_reused", &Default::default(), rotation.now)
-                .target_user(user_id)
-                .severity(tollgate_core::audit::Severity::Critical)
-                .meta("session_id", session_id.to_string());
+            let audit = AuditEvent::new(
+                tollgate_core::audit::Actor::System,
+                "session.refresh_token_reused",
+                &Default::default(),
+                rotation.now,
+            )
+            .target_user(user_id)
+            .severity(tollgate_core::audit::Severity::Critical)
+            .meta("session_id", session_id.to_string());
             insert_audit(&mut tx, &audit).await?;
             tx.commit().await.map_err(db_error)?;
             return Ok(RefreshOutcome::Reused { session_id });
@@ -414,33 +496,51 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        sqlx::query("INSERT INTO refresh_tokens (digest, session_id, created_at) VALUES (?1, ?2, ?3)")
-            .bind(&rotation.replacement.0)
-            .bind(session_id.0)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO refresh_tokens (digest, session_id, created_at) VALUES (?1, ?2, ?3)",
+        )
+        .bind(&rotation.replacement.0)
+        .bind(session_id.0)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
         sqlx::query("UPDATE sessions SET last_seen_at = ?2 WHERE id = ?1")
             .bind(session_id.0)
             .bind(now)
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        let session = fetch_session(&mut tx, session_id).await?.ok_or(StoreError::NotFound)?;
-        let user = fetch_user(&mut tx, user_id).await?.ok_or(StoreError::NotFound)?;
+        let session = fetch_session(&mut tx, session_id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let user = fetch_user(&mut tx, user_id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         tx.commit().await.map_err(db_error)?;
         Ok(RefreshOutcome::Rotated { session, user })
     }
 
-    async fn session_with_user(&self, id: SessionId) -> Result<Option<(Session, User)>, StoreError> {
+    async fn session_with_user(
+        &self,
+        id: SessionId,
+    ) -> Result<Option<(Session, User)>, StoreError> {
         let mut conn = self.reader.acquire().await.map_err(db_error)?;
-        let Some(session) = fetch_session(&mut conn, id).await? else { return Ok(None) };
-        let user = fetch_user(&mut conn, session.user_id).await?.ok_or(StoreError::NotFound)?;
+        let Some(session) = fetch_session(&mut conn, id).await? else {
+            return Ok(None);
+        };
+        let user = fetch_user(&mut conn, session.user_id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         Ok(Some((session, user)))
     }
 
-    async fn touch_session(&self, id: SessionId, now: Timestamp, stale_before: Timestamp) -> Result<(), StoreError> {
+    async fn touch_session(
+        &self,
+        id: SessionId,
+        now: Timestamp,
+        stale_before: Timestamp,
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE sessions SET last_seen_at = ?2 WHERE id = ?1 AND last_seen_at < ?3")
             .bind(id.0)
             .bind(micros(now))
@@ -451,7 +551,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn list_sessions(&self, user: UserId, now: Timestamp) -> Result<Vec<Session>, StoreError> {
+    async fn list_sessions(
+        &self,
+        user: UserId,
+        now: Timestamp,
+    ) -> Result<Vec<Session>, StoreError> {
         let rows = sqlx::query(concat!("SELECT ", rows::session_columns!(), " FROM sessions WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2 ORDER BY created_at DESC, id DESC"))
         .bind(user.0)
         .bind(micros(now))
@@ -461,7 +565,12 @@ impl Store for SqliteStore {
         rows.iter().map(rows::session).collect()
     }
 
-    async fn revoke_sessions(&self, user: UserId, scope: SessionScope, audit: AuditEvent) -> Result<u64, StoreError> {
+    async fn revoke_sessions(
+        &self,
+        user: UserId,
+        scope: SessionScope,
+        audit: AuditEvent,
+    ) -> Result<u64, StoreError> {
         let now = audit.created_at;
         let mut tx = self.writer.begin().await.map_err(db_error)?;
         let count = match scope {
@@ -488,7 +597,12 @@ impl Store for SqliteStore {
         Ok(count)
     }
 
-    async fn set_totp_secret(&self, user: UserId, secret: String, now: Timestamp) -> Result<(), StoreError> {
+    async fn set_totp_secret(
+        &self,
+        user: UserId,
+        secret: String,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await.map_err(db_error)?;
         let done = sqlx::query("UPDATE users SET totp_secret = ?2, updated_at = ?3 WHERE id = ?1 AND totp_enabled_at IS NULL")
             .bind(user.0)
@@ -506,7 +620,13 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(db_error)
     }
 
-    async fn enable_totp(&self, user: UserId, step: i64, recovery_codes: Vec<TokenDigest>, audit: AuditEvent) -> Result<(), StoreError> {
+    async fn enable_totp(
+        &self,
+        user: UserId,
+        step: i64,
+        recovery_codes: Vec<TokenDigest>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
         let now = micros(audit.created_at);
         let mut tx = self.writer.begin().await.map_err(db_error)?;
         let done = sqlx::query(
@@ -543,7 +663,12 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn use_recovery_code(&self, user: UserId, code: &TokenDigest, now: Timestamp) -> Result<bool, StoreError> {
+    async fn use_recovery_code(
+        &self,
+        user: UserId,
+        code: &TokenDigest,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
         let done = sqlx::query("UPDATE recovery_codes SET used_at = ?3 WHERE user_id = ?1 AND digest = ?2 AND used_at IS NULL")
             .bind(user.0)
             .bind(&code.0)
@@ -554,7 +679,12 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn replace_recovery_codes(&self, user: UserId, codes: Vec<TokenDigest>, audit: AuditEvent) -> Result<(), StoreError> {
+    async fn replace_recovery_codes(
+        &self,
+        user: UserId,
+        codes: Vec<TokenDigest>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await.map_err(db_error)?;
         replace_codes(&mut tx, user, &codes, micros(audit.created_at)).await?;
         insert_audit(&mut tx, &with_target(audit, user)).await?;
@@ -562,11 +692,13 @@ impl Store for SqliteStore {
     }
 
     async fn unused_recovery_codes(&self, user: UserId) -> Result<u32, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM recovery_codes WHERE user_id = ?1 AND used_at IS NULL")
-            .bind(user.0)
-            .fetch_one(&self.reader)
-            .await
-            .map_err(db_error)?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM recovery_codes WHERE user_id = ?1 AND used_at IS NULL",
+        )
+        .bind(user.0)
+        .fetch_one(&self.reader)
+        .await
+        .map_err(db_error)?;
         Ok(n as u32)
     }
 
@@ -589,20 +721,38 @@ impl Store for SqliteStore {
     }
 
     async fn list_audit(&self, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
-        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(concat!("SELECT ", rows::audit_columns!(), " FROM audit_events WHERE 1 = 1"));
+        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(concat!(
+            "SELECT ",
+            rows::audit_columns!(),
+            " FROM audit_events WHERE 1 = 1"
+        ));
         if let Some(user) = query.target_user {
-            sql.push(" AND target_type = 'user' AND target_id = ").push_bind(user.to_string());
+            sql.push(" AND target_type = 'user' AND target_id = ")
+                .push_bind(user.to_string());
         }
         if let Some(prefix) = query.action_prefix {
             // substr, not LIKE: no wildcard escaping to get wrong.
-            sql.push(" AND substr(action, 1, ").push_bind(prefix.chars().count() as i64).push(") = ").push_bind(prefix);
+            sql.push(" AND substr(action, 1, ")
+                .push_bind(prefix.chars().count() as i64)
+                .push(") = ")
+                .push_bind(prefix);
         }
-        sql.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(query.limit.clamp(1, 1000)));
-        let rows = sql.build().fetch_all(&self.reader).await.map_err(db_error)?;
+        sql.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(i64::from(query.limit.clamp(1, 1000)));
+        let rows = sql
+            .build()
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_error)?;
         rows.iter().map(rows::audit_event).collect()
     }
 
-    async fn claim_emails(&self, now: Timestamp, lease_until: Timestamp, limit: u32) -> Result<Vec<OutboxEmail>, StoreError> {
+    async fn claim_emails(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<OutboxEmail>, StoreError> {
         let rows = sqlx::query(concat!("UPDATE email_outbox SET claimed_until = ?2 WHERE id IN ( \
                SELECT id FROM email_outbox WHERE status = 'pending' AND next_attempt_at <= ?1 \
                  AND (claimed_until IS NULL OR claimed_until <= ?1) ORDER BY next_attempt_at, id LIMIT ?3) \
@@ -613,16 +763,26 @@ impl Store for SqliteStore {
         .fetch_all(&self.writer)
         .await
         .map_err(db_error)?;
-        let mut emails = rows.iter().map(rows::outbox_email).collect::<Result<Vec<_>, _>>()?;
+        let mut emails = rows
+            .iter()
+            .map(rows::outbox_email)
+            .collect::<Result<Vec<_>, _>>()?;
         emails.sort_by_key(|e| (e.created_at, e.id));
         Ok(emails)
     }
 
-    async fn finish_email(&self, id: EmailId, outcome: EmailOutcome, now: Timestamp) -> Result<(), StoreError> {
+    async fn finish_email(
+        &self,
+        id: EmailId,
+        outcome: EmailOutcome,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
         let (status, next_attempt, error) = match outcome {
             EmailOutcome::Sent => (EmailStatus::Sent, None, None),
             EmailOutcome::Logged => (EmailStatus::Logged, None, None),
-            EmailOutcome::Retry { at, error } => (EmailStatus::Pending, Some(micros(at)), Some(error)),
+            EmailOutcome::Retry { at, error } => {
+                (EmailStatus::Pending, Some(micros(at)), Some(error))
+            }
             EmailOutcome::Failed { error } => (EmailStatus::Failed, None, Some(error)),
         };
         let delivered = matches!(status, EmailStatus::Sent | EmailStatus::Logged);
@@ -645,16 +805,26 @@ impl Store for SqliteStore {
     }
 
     async fn pending_email_count(&self) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM email_outbox WHERE status = 'pending'")
-            .fetch_one(&self.reader)
-            .await
-            .map_err(db_error)?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM email_outbox WHERE status = 'pending'")
+                .fetch_one(&self.reader)
+                .await
+                .map_err(db_error)?;
         Ok(n as u64)
     }
 }
 
-async fn replace_codes(conn: &mut SqliteConnection, user: UserId, codes: &[TokenDigest], now: i64) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM recovery_codes WHERE user_id = ?1").bind(user.0).execute(&mut *conn).await.map_err(db_error)?;
+async fn replace_codes(
+    conn: &mut SqliteConnection,
+    user: UserId,
+    codes: &[TokenDigest],
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM recovery_codes WHERE user_id = ?1")
+        .bind(user.0)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
     for code in codes {
         sqlx::query("INSERT INTO recovery_codes (user_id, digest, created_at) VALUES (?1, ?2, ?3)")
             .bind(user.0)

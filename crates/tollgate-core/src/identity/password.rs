@@ -16,7 +16,13 @@ static COMMON_PASSWORDS: &str = include_str!("../../data/common-passwords.txt");
 
 fn common_passwords() -> &'static HashSet<&'static str> {
     static SET: OnceLock<HashSet<&'static str>> = OnceLock::new();
-    SET.get_or_init(|| COMMON_PASSWORDS.lines().map(str::trim).filter(|l| !l.is_empty()).collect())
+    SET.get_or_init(|| {
+        COMMON_PASSWORDS
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect()
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -55,7 +61,11 @@ pub struct HashCost {
 
 impl Default for HashCost {
     fn default() -> Self {
-        Self { memory_kib: 19 * 1024, iterations: 2, parallelism: 1 }
+        Self {
+            memory_kib: 19 * 1024,
+            iterations: 2,
+            parallelism: 1,
+        }
     }
 }
 
@@ -78,7 +88,10 @@ impl PasswordHasher {
         let params = Params::new(cost.memory_kib, cost.iterations, cost.parallelism, None)
             .map_err(|e| HashError(e.to_string()))?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-        let mut hasher = Self { argon, dummy_hash: String::new() };
+        let mut hasher = Self {
+            argon,
+            dummy_hash: String::new(),
+        };
         hasher.dummy_hash = hasher.hash(&super::SecretToken::generate().expose().to_owned())?;
         Ok(hasher)
     }
@@ -107,16 +120,36 @@ mod tests {
     use super::*;
 
     fn cheap() -> PasswordHasher {
-        PasswordHasher::new(HashCost { memory_kib: 64, iterations: 1, parallelism: 1 }).unwrap()
+        PasswordHasher::new(HashCost {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        })
+        .unwrap()
     }
 
     #[test]
     fn policy() {
-        assert_eq!(check_new_password("short"), Err(PasswordPolicyError::TooShort));
-        assert_eq!(check_new_password(&"x".repeat(129)), Err(PasswordPolicyError::TooLong));
-        assert_eq!(check_new_password("password"), Err(PasswordPolicyError::TooCommon));
-        assert_eq!(check_new_password("PassWord"), Err(PasswordPolicyError::TooCommon));
-        assert_eq!(check_new_password("baseball"), Err(PasswordPolicyError::TooCommon));
+        assert_eq!(
+            check_new_password("short"),
+            Err(PasswordPolicyError::TooShort)
+        );
+        assert_eq!(
+            check_new_password(&"x".repeat(129)),
+            Err(PasswordPolicyError::TooLong)
+        );
+        assert_eq!(
+            check_new_password("password"),
+            Err(PasswordPolicyError::TooCommon)
+        );
+        assert_eq!(
+            check_new_password("PassWord"),
+            Err(PasswordPolicyError::TooCommon)
+        );
+        assert_eq!(
+            check_new_password("baseball"),
+            Err(PasswordPolicyError::TooCommon)
+        );
         assert!(check_new_password("correct horse battery staple").is_ok());
         // 128 multi-byte characters are allowed: the limit counts characters.
         assert!(check_new_password(&"é".repeat(128)).is_ok());
@@ -134,7 +167,10 @@ mod tests {
 
     #[test]
     fn default_cost_is_owasp() {
-        let phc = PasswordHasher::new(HashCost::default()).unwrap().hash("x").unwrap();
+        let phc = PasswordHasher::new(HashCost::default())
+            .unwrap()
+            .hash("x")
+            .unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
     }
 }

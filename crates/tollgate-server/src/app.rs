@@ -1,0 +1,148 @@
+//! The whole HTTP surface in one function: every route, its group's middleware, and
+//! the layers every request passes through. The OpenAPI document is generated from
+//! the same route list, so it cannot miss a route.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{HeaderName, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::error::{ApiError, rate_limit_headers};
+use crate::routes::{auth, me, mfa, ops};
+use crate::state::AppState;
+
+/// Largest accepted request body.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tollgate", description = "Accounts and sign-in, plans, quotas, credits and billing for any SaaS product."),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "auth", description = "Registration, login, tokens, password reset, magic links"),
+        (name = "me", description = "The signed-in user"),
+        (name = "2fa", description = "Two-factor authentication (TOTP)"),
+        (name = "operations", description = "Health, metrics, keys"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut scheme = Http::new(HttpAuthScheme::Bearer);
+        scheme.bearer_format = Some("JWT".into());
+        components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+/// The routes and their OpenAPI description, before state and layers.
+fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
+    let auth = OpenApiRouter::new()
+        .routes(routes!(auth::register))
+        .routes(routes!(auth::verify_email))
+        .routes(routes!(auth::resend_verification))
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::login_mfa))
+        .routes(routes!(auth::refresh))
+        .routes(routes!(auth::logout))
+        .routes(routes!(auth::forgot_password))
+        .routes(routes!(auth::reset_password))
+        .routes(routes!(auth::magic_link))
+        .routes(routes!(auth::magic_link_verify))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            limit_auth_by_ip,
+        ));
+    let me = OpenApiRouter::new()
+        .routes(routes!(me::get_me, me::update_me))
+        .routes(routes!(me::change_password))
+        .routes(routes!(me::change_email))
+        .routes(routes!(me::list_sessions, me::revoke_other_sessions))
+        .routes(routes!(me::revoke_session))
+        .routes(routes!(mfa::setup))
+        .routes(routes!(mfa::enable))
+        .routes(routes!(mfa::disable))
+        .routes(routes!(mfa::regenerate_recovery_codes));
+    let operations = OpenApiRouter::new()
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::jwks));
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(auth)
+        .merge(me)
+        .merge(operations)
+}
+
+/// The OpenAPI 3.1 document served at `/openapi.json`.
+pub fn openapi(state: &AppState) -> utoipa::openapi::OpenApi {
+    api_routes(state).into_openapi()
+}
+
+pub fn router(state: AppState) -> Router {
+    crate::metrics::install();
+    let (routes, openapi) = api_routes(&state).split_for_parts();
+    let request_id = HeaderName::from_static("x-request-id");
+    routes
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(middleware::from_fn(crate::metrics::track))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(CatchPanicLayer::custom(|_| ApiError::Internal("handler panicked".into()).into_response()))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                // The path only: query strings can carry tokens.
+                tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Every auth endpoint counts against the client ip's budget.
+async fn limit_auth_by_ip(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let ip = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string());
+    let decision = state
+        .limiter
+        .hit(&format!("auth-ip:{ip}"), state.config.auth.ip_limit, 1);
+    if !decision.allowed {
+        return ApiError::RateLimited {
+            retry_after: decision.retry_after.unwrap_or(Duration::from_secs(1)),
+            limit: decision.limit,
+            reset_after: decision.reset_after,
+        }
+        .into_response();
+    }
+    let mut response = next.run(request).await;
+    rate_limit_headers(
+        response.headers_mut(),
+        decision.limit,
+        decision.remaining,
+        decision.reset_after,
+        None,
+    );
+    response
+}

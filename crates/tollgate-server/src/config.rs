@@ -1,0 +1,346 @@
+//! Configuration: built-in defaults, then an optional TOML file (`tollgate.toml`, or
+//! the path in `--config` / `TOLLGATE_CONFIG`), then `TOLLGATE_*` environment
+//! variables, each layer overriding the one before. `tollgate serve` with none of
+//! them works: SQLite and signing keys in `./tollgate-data`, emails to the log.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use tollgate_core::identity::password::HashCost;
+use tollgate_core::ratelimit::RateLimit;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`.
+    pub database_url: String,
+    /// Base of links in emails and the `iss` of access tokens.
+    pub public_url: String,
+    pub log_format: LogFormat,
+    pub auth: AuthConfig,
+    /// `None`: emails are written to the log (and kept in the outbox) instead of sent.
+    pub smtp: Option<SmtpConfig>,
+    pub signing_key_file: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    pub access_token_ttl: Duration,
+    pub session_ttl: Duration,
+    pub require_verified_email: bool,
+    pub password_hash: HashCost,
+    /// All auth endpoints together, per client ip.
+    pub ip_limit: RateLimit,
+    /// Failed logins (and second-factor attempts) per email address.
+    pub failed_login_limit: RateLimit,
+}
+
+#[derive(Clone, Debug)]
+pub struct SmtpConfig {
+    /// `smtp://host:port` (plain, for a relay on loopback) or `smtps://user:pass@host`.
+    pub url: String,
+    pub from: String,
+}
+
+/// The TOML file's shape. Unknown keys are an error: a typo must not silently fall
+/// back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    public_url: Option<String>,
+    log_format: Option<LogFormat>,
+    signing_key_file: Option<PathBuf>,
+    #[serde(default)]
+    auth: FileAuth,
+    smtp: Option<FileSmtp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    access_token_ttl_seconds: Option<u64>,
+    session_ttl_seconds: Option<u64>,
+    require_verified_email: Option<bool>,
+    password_hash: Option<HashCost>,
+    ip_limit: Option<RateLimit>,
+    failed_login_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSmtp {
+    url: String,
+    from: Option<String>,
+}
+
+const DEFAULT_FROM: &str = "Tollgate <no-reply@localhost>";
+
+impl Config {
+    /// Loads from `file` (if given, it must exist; otherwise `./tollgate.toml` is read
+    /// when present) and the environment as seen through `env`.
+    pub fn load(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let file_path = file
+            .map(Path::to_path_buf)
+            .or_else(|| env("TOLLGATE_CONFIG").map(PathBuf::from));
+        let parsed: FileConfig = match &file_path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None if Path::new("tollgate.toml").exists() => {
+                let text =
+                    std::fs::read_to_string("tollgate.toml").context("reading tollgate.toml")?;
+                toml::from_str(&text).context("parsing tollgate.toml")?
+            }
+            None => FileConfig::default(),
+        };
+        Self::resolve(parsed, env)
+    }
+
+    fn resolve(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let listen = env("TOLLGATE_LISTEN")
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen: SocketAddr = listen
+            .parse()
+            .with_context(|| format!("TOLLGATE_LISTEN / listen: not an address: {listen:?}"))?;
+        let data_dir = env("TOLLGATE_DATA_DIR")
+            .map(PathBuf::from)
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("tollgate-data"));
+        let database_url = env("TOLLGATE_DATABASE_URL")
+            .or(file.database_url)
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("tollgate.db").display()));
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            bail!("TOLLGATE_DATABASE_URL must start with sqlite:// or postgres://");
+        }
+        let public_url = env("TOLLGATE_PUBLIC_URL")
+            .or(file.public_url)
+            .unwrap_or_else(|| format!("http://{listen}"));
+        let public_url = public_url.trim_end_matches('/').to_owned();
+        let log_format = match env("TOLLGATE_LOG_FORMAT").as_deref() {
+            Some("json") => LogFormat::Json,
+            Some("text") => LogFormat::Text,
+            Some(other) => bail!("TOLLGATE_LOG_FORMAT must be text or json, not {other:?}"),
+            None => file.log_format.unwrap_or(LogFormat::Text),
+        };
+        let signing_key_file = env("TOLLGATE_SIGNING_KEY_FILE")
+            .map(PathBuf::from)
+            .or(file.signing_key_file)
+            .unwrap_or_else(|| data_dir.join("signing-keys.json"));
+
+        let seconds =
+            |var: &str, file_value: Option<u64>, default: u64| -> anyhow::Result<Duration> {
+                let secs = match env(var) {
+                    Some(v) => v
+                        .parse()
+                        .with_context(|| format!("{var} must be a number of seconds"))?,
+                    None => file_value.unwrap_or(default),
+                };
+                if secs == 0 {
+                    bail!("{var} must be positive");
+                }
+                Ok(Duration::from_secs(secs))
+            };
+        let limit = |var: &str,
+                     file_value: Option<RateLimit>,
+                     default: RateLimit|
+         -> anyhow::Result<RateLimit> {
+            match env(var) {
+                Some(v) => parse_limit(&v)
+                    .with_context(|| format!("{var} must look like 100/60 (requests/seconds)")),
+                None => Ok(file_value.unwrap_or(default)),
+            }
+        };
+        let bool_var =
+            |var: &str, file_value: Option<bool>, default: bool| -> anyhow::Result<bool> {
+                match env(var).as_deref() {
+                    Some("1" | "true") => Ok(true),
+                    Some("0" | "false") => Ok(false),
+                    Some(other) => bail!("{var} must be true or false, not {other:?}"),
+                    None => Ok(file_value.unwrap_or(default)),
+                }
+            };
+        let mut password_hash = file.auth.password_hash.unwrap_or_default();
+        if let Some(kib) = env("TOLLGATE_PASSWORD_HASH_MEMORY_KIB") {
+            password_hash.memory_kib = kib
+                .parse()
+                .context("TOLLGATE_PASSWORD_HASH_MEMORY_KIB must be a number")?;
+        }
+        if let Some(t) = env("TOLLGATE_PASSWORD_HASH_ITERATIONS") {
+            password_hash.iterations = t
+                .parse()
+                .context("TOLLGATE_PASSWORD_HASH_ITERATIONS must be a number")?;
+        }
+        let auth = AuthConfig {
+            access_token_ttl: seconds(
+                "TOLLGATE_ACCESS_TOKEN_TTL_SECONDS",
+                file.auth.access_token_ttl_seconds,
+                15 * 60,
+            )?,
+            session_ttl: seconds(
+                "TOLLGATE_SESSION_TTL_SECONDS",
+                file.auth.session_ttl_seconds,
+                30 * 24 * 3600,
+            )?,
+            require_verified_email: bool_var(
+                "TOLLGATE_REQUIRE_VERIFIED_EMAIL",
+                file.auth.require_verified_email,
+                true,
+            )?,
+            password_hash,
+            ip_limit: limit(
+                "TOLLGATE_AUTH_IP_LIMIT",
+                file.auth.ip_limit,
+                RateLimit::per(100, Duration::from_secs(60)),
+            )?,
+            failed_login_limit: limit(
+                "TOLLGATE_AUTH_FAILED_LOGIN_LIMIT",
+                file.auth.failed_login_limit,
+                RateLimit::per(10, Duration::from_secs(3600)),
+            )?,
+        };
+        let smtp = match (env("TOLLGATE_SMTP_URL"), file.smtp) {
+            (Some(url), file_smtp) => Some(SmtpConfig {
+                url,
+                from: env("TOLLGATE_SMTP_FROM")
+                    .or(file_smtp.and_then(|s| s.from))
+                    .unwrap_or_else(|| DEFAULT_FROM.into()),
+            }),
+            (None, Some(s)) => Some(SmtpConfig {
+                url: s.url,
+                from: env("TOLLGATE_SMTP_FROM")
+                    .or(s.from)
+                    .unwrap_or_else(|| DEFAULT_FROM.into()),
+            }),
+            (None, None) => None,
+        };
+        if let Some(smtp) = &smtp {
+            if !(smtp.url.starts_with("smtp://") || smtp.url.starts_with("smtps://")) {
+                bail!("TOLLGATE_SMTP_URL must start with smtp:// or smtps://");
+            }
+        }
+        Ok(Self {
+            listen,
+            data_dir,
+            database_url,
+            public_url,
+            log_format,
+            auth,
+            smtp,
+            signing_key_file,
+        })
+    }
+}
+
+/// `"100/60"`: 100 requests per 60 seconds.
+fn parse_limit(s: &str) -> anyhow::Result<RateLimit> {
+    let (requests, seconds) = s.split_once('/').context("missing '/'")?;
+    let requests: u32 = requests.trim().parse()?;
+    let seconds: u64 = seconds.trim().parse()?;
+    if requests == 0 || seconds == 0 {
+        bail!("both parts must be positive");
+    }
+    Ok(RateLimit::per(requests, Duration::from_secs(seconds)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let c = Config::resolve(FileConfig::default(), &env_of(&[])).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database_url, "sqlite://tollgate-data/tollgate.db");
+        assert_eq!(c.public_url, "http://127.0.0.1:8080");
+        assert_eq!(
+            c.signing_key_file,
+            PathBuf::from("tollgate-data/signing-keys.json")
+        );
+        assert!(c.smtp.is_none());
+        assert_eq!(c.auth.access_token_ttl, Duration::from_secs(900));
+        assert_eq!(c.auth.password_hash, HashCost::default());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:9000"
+            public_url = "https://file.example/"
+            [auth]
+            access_token_ttl_seconds = 60
+            ip_limit = { requests = 5, window_seconds = 10 }
+            [smtp]
+            url = "smtp://127.0.0.1:25"
+            "#,
+        )
+        .unwrap();
+        let c = Config::resolve(
+            file,
+            &env_of(&[
+                ("TOLLGATE_LISTEN", "127.0.0.1:7000"),
+                ("TOLLGATE_DATABASE_URL", "postgres://postgres@127.0.0.1/x"),
+                ("TOLLGATE_AUTH_FAILED_LOGIN_LIMIT", "3/60"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.public_url, "https://file.example");
+        assert_eq!(c.database_url, "postgres://postgres@127.0.0.1/x");
+        assert_eq!(c.auth.access_token_ttl, Duration::from_secs(60));
+        assert_eq!(c.auth.ip_limit, RateLimit::per(5, Duration::from_secs(10)));
+        assert_eq!(
+            c.auth.failed_login_limit,
+            RateLimit::per(3, Duration::from_secs(60))
+        );
+        assert_eq!(c.smtp.unwrap().url, "smtp://127.0.0.1:25");
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors() {
+        assert!(toml::from_str::<FileConfig>("listn = \"x\"").is_err());
+        for (k, v) in [
+            ("TOLLGATE_LISTEN", "nope"),
+            ("TOLLGATE_DATABASE_URL", "mysql://x"),
+            ("TOLLGATE_AUTH_IP_LIMIT", "10"),
+            ("TOLLGATE_SMTP_URL", "http://x"),
+            ("TOLLGATE_REQUIRE_VERIFIED_EMAIL", "maybe"),
+        ] {
+            assert!(
+                Config::resolve(FileConfig::default(), &env_of(&[(k, v)])).is_err(),
+                "{k}={v}"
+            );
+        }
+    }
+}

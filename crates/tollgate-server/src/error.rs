@@ -1,0 +1,236 @@
+//! `ApiError`: every failure a client can see, and the one table that maps each to a
+//! stable snake_case code and an HTTP status. Internal errors are logged here, once,
+//! with their source, and never shown.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tollgate_core::StoreError;
+use tollgate_core::identity::IdentityError;
+use tollgate_core::identity::flows::FieldError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("request body does not match the expected shape")]
+    InvalidBody { fields: BTreeMap<String, String> },
+    #[error("some fields are invalid")]
+    Validation(Vec<FieldError>),
+    #[error("request body is larger than 1 MiB")]
+    PayloadTooLarge,
+    #[error("expected Content-Type: application/json")]
+    UnsupportedMediaType,
+    #[error("authentication required")]
+    Unauthenticated,
+    #[error("invalid email or password")]
+    InvalidCredentials,
+    #[error("email address not verified")]
+    EmailNotVerified,
+    #[error("account suspended")]
+    AccountSuspended,
+    #[error("not allowed")]
+    Forbidden,
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("email address already registered")]
+    EmailTaken,
+    #[error("invalid or expired token")]
+    InvalidToken,
+    #[error("invalid or expired refresh token")]
+    InvalidRefreshToken,
+    #[error("refresh token already used; the session has been revoked")]
+    RefreshTokenReused,
+    #[error("invalid or expired mfa_token")]
+    InvalidMfaToken,
+    #[error("invalid two-factor code")]
+    InvalidMfaCode,
+    #[error("two-factor authentication is already enabled")]
+    MfaAlreadyEnabled,
+    #[error("two-factor authentication is not enabled")]
+    MfaNotEnabled,
+    #[error("start two-factor setup first")]
+    MfaNotSetUp,
+    #[error("too many requests")]
+    RateLimited {
+        retry_after: Duration,
+        limit: u32,
+        reset_after: Duration,
+    },
+    #[error("service unavailable")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    /// The table: stable code and status for every error.
+    pub fn code_and_status(&self) -> (&'static str, StatusCode) {
+        use ApiError::*;
+        match self {
+            MalformedJson(_) => ("malformed_json", StatusCode::BAD_REQUEST),
+            InvalidBody { .. } => ("invalid_body", StatusCode::UNPROCESSABLE_ENTITY),
+            Validation(_) => ("validation_failed", StatusCode::UNPROCESSABLE_ENTITY),
+            PayloadTooLarge => ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE),
+            UnsupportedMediaType => ("unsupported_media_type", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            Unauthenticated => ("unauthenticated", StatusCode::UNAUTHORIZED),
+            InvalidCredentials => ("invalid_credentials", StatusCode::UNAUTHORIZED),
+            EmailNotVerified => ("email_not_verified", StatusCode::FORBIDDEN),
+            AccountSuspended => ("account_suspended", StatusCode::FORBIDDEN),
+            Forbidden => ("forbidden", StatusCode::FORBIDDEN),
+            NotFound => ("not_found", StatusCode::NOT_FOUND),
+            MethodNotAllowed => ("method_not_allowed", StatusCode::METHOD_NOT_ALLOWED),
+            EmailTaken => ("email_taken", StatusCode::CONFLICT),
+            InvalidToken => ("invalid_token", StatusCode::BAD_REQUEST),
+            InvalidRefreshToken => ("invalid_refresh_token", StatusCode::UNAUTHORIZED),
+            RefreshTokenReused => ("refresh_token_reused", StatusCode::UNAUTHORIZED),
+            InvalidMfaToken => ("invalid_mfa_token", StatusCode::UNAUTHORIZED),
+            InvalidMfaCode => ("invalid_mfa_code", StatusCode::UNAUTHORIZED),
+            MfaAlreadyEnabled => ("mfa_already_enabled", StatusCode::CONFLICT),
+            MfaNotEnabled => ("mfa_not_enabled", StatusCode::CONFLICT),
+            MfaNotSetUp => ("mfa_not_set_up", StatusCode::CONFLICT),
+            RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
+            Unavailable(_) => ("service_unavailable", StatusCode::SERVICE_UNAVAILABLE),
+            Internal(_) => ("internal_error", StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+
+    fn details(&self) -> Option<serde_json::Value> {
+        match self {
+            ApiError::InvalidBody { fields } => Some(serde_json::json!({ "fields": fields })),
+            ApiError::Validation(errors) => {
+                let fields: BTreeMap<&str, serde_json::Value> = errors
+                    .iter()
+                    .map(|e| {
+                        (
+                            e.field,
+                            serde_json::json!({ "code": e.code, "message": e.message }),
+                        )
+                    })
+                    .collect();
+                Some(serde_json::json!({ "fields": fields }))
+            }
+            ApiError::MalformedJson(reason) => Some(serde_json::json!({ "reason": reason })),
+            ApiError::RateLimited { retry_after, .. } => {
+                Some(serde_json::json!({ "retry_after_seconds": ceil_secs(*retry_after) }))
+            }
+            _ => None,
+        }
+    }
+}
+
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// `RateLimit-*` headers (IETF draft) plus `Retry-After` when denied.
+pub fn rate_limit_headers(
+    headers: &mut HeaderMap,
+    limit: u32,
+    remaining: u32,
+    reset_after: Duration,
+    retry_after: Option<Duration>,
+) {
+    headers.insert("ratelimit-limit", HeaderValue::from(limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
+    headers.insert("ratelimit-reset", HeaderValue::from(ceil_secs(reset_after)));
+    if let Some(retry) = retry_after {
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(ceil_secs(retry).max(1)),
+        );
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (code, status) = self.code_and_status();
+        let message = match &self {
+            ApiError::Internal(source) => {
+                tracing::error!(error.source = %source, "internal error");
+                self.to_string()
+            }
+            ApiError::Unavailable(source) => {
+                tracing::warn!(error.source = %source, "dependency unavailable");
+                self.to_string()
+            }
+            other => other.to_string(),
+        };
+        let body = Body {
+            error: ErrorBody {
+                code,
+                message,
+                details: self.details(),
+            },
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if let ApiError::RateLimited {
+            retry_after,
+            limit,
+            reset_after,
+        } = self
+        {
+            rate_limit_headers(
+                response.headers_mut(),
+                limit,
+                0,
+                reset_after,
+                Some(retry_after),
+            );
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::NotFound,
+            StoreError::Conflict("users_email") => ApiError::EmailTaken,
+            StoreError::Unavailable(s) => ApiError::Unavailable(s),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<IdentityError> for ApiError {
+    fn from(e: IdentityError) -> Self {
+        use IdentityError as E;
+        match e {
+            E::Invalid(errors) => ApiError::Validation(errors),
+            E::EmailTaken => ApiError::EmailTaken,
+            E::InvalidCredentials => ApiError::InvalidCredentials,
+            E::EmailNotVerified => ApiError::EmailNotVerified,
+            E::AccountSuspended => ApiError::AccountSuspended,
+            E::InvalidToken => ApiError::InvalidToken,
+            E::InvalidMfaCode => ApiError::InvalidMfaCode,
+            E::MfaAlreadyEnabled => ApiError::MfaAlreadyEnabled,
+            E::MfaNotEnabled => ApiError::MfaNotEnabled,
+            E::MfaNotSetUp => ApiError::MfaNotSetUp,
+            E::SessionNotFound => ApiError::NotFound,
+            E::RefreshTokenReused => ApiError::RefreshTokenReused,
+            E::Store(s) => s.into(),
+            E::Internal(s) => ApiError::Internal(s),
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

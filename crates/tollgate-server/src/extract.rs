@@ -1,0 +1,172 @@
+//! Extractors: the JSON body with our own rejections, where a request came from, and
+//! who is calling.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRef, FromRequest, FromRequestParts, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+use tollgate_core::audit::RequestOrigin;
+use tollgate_core::identity::{Session, User, UserStatus};
+
+use crate::access_token::{Claims, TokenError};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// A JSON body. Wrong content type: 415; too large: 413; not JSON: 400
+/// `malformed_json`; JSON of the wrong shape (missing, unknown or mistyped fields):
+/// 422 `invalid_body` naming the field.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|mime| {
+                let mime = mime.trim();
+                mime.eq_ignore_ascii_case("application/json")
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
+            });
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::MalformedJson(e.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    use serde_json::error::Category;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        match inner.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::MalformedJson(inner.to_string())
+            }
+            Category::Data => {
+                let field = if path == "." || path.is_empty() {
+                    "body".to_owned()
+                } else {
+                    path
+                };
+                // serde's message without the " at line 1 column 42" suffix.
+                let message = inner.to_string();
+                let message = message
+                    .split(" at line ")
+                    .next()
+                    .unwrap_or(&message)
+                    .to_owned();
+                ApiError::InvalidBody {
+                    fields: [(field, message)].into_iter().collect(),
+                }
+            }
+        }
+    })?;
+    // Trailing garbage after the value is malformed JSON too.
+    de.end()
+        .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    Ok(value)
+}
+
+/// The client's ip (the TCP peer; proxies come with the gateway work) and user agent.
+pub struct Origin(pub RequestOrigin);
+
+const MAX_USER_AGENT: usize = 512;
+
+impl<S: Send + Sync> FromRequestParts<S> for Origin {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip().to_string());
+        let user_agent = parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|ua| ua.chars().take(MAX_USER_AGENT).collect());
+        Ok(Origin(RequestOrigin { ip, user_agent }))
+    }
+}
+
+/// A signed-in user, from `Authorization: Bearer <access token>`. The token's
+/// signature and expiry are checked offline; its session and user are then loaded,
+/// so a revoked session or a suspended user is refused at once, not at expiry.
+pub struct CurrentUser {
+    pub user: User,
+    pub session: Session,
+    pub claims: Claims,
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// How long `last_seen_at` may lag behind: one write per session per minute at most.
+const TOUCH_EVERY: time::Duration = time::Duration::minutes(1);
+
+impl<S> FromRequestParts<S> for CurrentUser
+where
+    S: Send + Sync,
+    AppState: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let state = AppState::from_ref(state);
+        let token = bearer(parts).ok_or(ApiError::Unauthenticated)?;
+        let claims = state.tokens.verify(token).map_err(|e: TokenError| {
+            tracing::debug!(reason = %e, "access token refused");
+            ApiError::Unauthenticated
+        })?;
+        let session_id = claims.session_id().ok_or(ApiError::Unauthenticated)?;
+        let (session, user) = state
+            .store
+            .session_with_user(session_id)
+            .await?
+            .ok_or(ApiError::Unauthenticated)?;
+        let now = OffsetDateTime::now_utc();
+        if !session.is_live(now)
+            || user.status != UserStatus::Active
+            || claims.user_id() != Some(user.id)
+        {
+            return Err(ApiError::Unauthenticated);
+        }
+        if session.last_seen_at < now - TOUCH_EVERY {
+            state
+                .store
+                .touch_session(session.id, now, now - TOUCH_EVERY)
+                .await?;
+        }
+        Ok(CurrentUser {
+            user,
+            session,
+            claims,
+        })
+    }
+}

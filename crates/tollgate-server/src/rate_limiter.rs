@@ -1,0 +1,81 @@
+//! In-memory rate limiter (the embedded default): GCRA state per key in a sharded
+//! map. The arithmetic is `tollgate_core::ratelimit::gcra`; this only stores the one
+//! timestamp per key. A Redis backend for multi-node deployments comes with the plans
+//! issue (#3) behind the same methods.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tollgate_core::ratelimit::{Decision, RateLimit, gcra};
+
+const SHARDS: usize = 16;
+
+pub struct MemoryRateLimiter {
+    shards: Vec<Mutex<HashMap<String, i128>>>,
+    hasher: RandomState,
+    epoch: Instant,
+}
+
+impl Default for MemoryRateLimiter {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl MemoryRateLimiter {
+    fn now(&self) -> i128 {
+        self.epoch.elapsed().as_nanos() as i128
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, i128>> {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+
+    /// Counts a request of `cost` against `key` when allowed.
+    pub fn hit(&self, key: &str, limit: RateLimit, cost: u32) -> Decision {
+        let now = self.now();
+        let mut map = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        let decision = gcra(limit, map.get(key).copied(), now, cost);
+        if decision.allowed {
+            // A key whose arrival time is in the past is back to a full burst, the same
+            // as an absent key: drop such entries now and then so the map stays small.
+            if map.len() > 10_000 {
+                map.retain(|_, tat| *tat > now);
+            }
+            map.insert(key.to_owned(), decision.new_tat);
+        }
+        decision
+    }
+
+    /// Would a request of cost 1 be allowed now? Counts nothing.
+    pub fn peek(&self, key: &str, limit: RateLimit) -> Decision {
+        let now = self.now();
+        let map = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        gcra(limit, map.get(key).copied(), now, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn keys_are_independent_and_peek_counts_nothing() {
+        let limiter = MemoryRateLimiter::default();
+        let limit = RateLimit::per(2, Duration::from_secs(3600));
+        assert!(limiter.peek("a", limit).allowed);
+        assert!(limiter.hit("a", limit, 1).allowed);
+        assert!(limiter.hit("a", limit, 1).allowed);
+        assert!(!limiter.hit("a", limit, 1).allowed);
+        assert!(!limiter.peek("a", limit).allowed);
+        assert!(limiter.hit("b", limit, 1).allowed);
+    }
+}

@@ -1,0 +1,8 @@
+//! HTTP handlers, one module per URL area. Handlers stay thin: extract, call one
+//! identity flow, shape the answer.
+
+pub mod auth;
+pub mod me;
+pub mod mfa;
+pub mod ops;
+pub mod views;

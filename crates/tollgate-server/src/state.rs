@@ -1,0 +1,20 @@
+//! What every handler can reach. Handlers are not generic over the backend: the
+//! store is an `Arc<dyn Store>` chosen once at start.
+
+use std::sync::Arc;
+
+use tollgate_core::Store;
+use tollgate_core::identity::Identity;
+
+use crate::access_token::AccessTokens;
+use crate::config::Config;
+use crate::rate_limiter::MemoryRateLimiter;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub identity: Identity,
+    pub tokens: Arc<AccessTokens>,
+    pub limiter: Arc<MemoryRateLimiter>,
+    pub config: Arc<Config>,
+}
