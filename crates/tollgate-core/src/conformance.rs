@@ -11,8 +11,8 @@ use crate::Timestamp;
 use crate::audit::{Actor, AuditEvent, AuditQuery, RequestOrigin};
 use crate::email::{self, EmailTemplate};
 use crate::identity::{
-    EmailAddress, Locale, NewSession, NewUser, OneTimeToken, RefreshOutcome, Role, SecretToken,
-    SessionScope, TokenDigest, TokenEffect, TokenPurpose, UserStatus,
+    EmailAddress, Locale, NewSession, NewUser, OneTimeToken, RefreshOutcome, Role, SecretToken, SessionScope,
+    TokenDigest, TokenEffect, TokenPurpose, UserStatus,
 };
 use crate::ids::{AccountId, OneTimeTokenId, SessionId, UserId};
 use crate::store::{EmailOutcome, NewOneTimeToken, Rotation, Store, StoreError};
@@ -55,15 +55,11 @@ macro_rules! conformance_tests {
 pub fn t0() -> Timestamp {
     // Whole microseconds: both backends store microsecond precision.
     let now = time::OffsetDateTime::now_utc();
-    now.replace_nanosecond(now.nanosecond() / 1000 * 1000)
-        .unwrap()
+    now.replace_nanosecond(now.nanosecond() / 1000 * 1000).unwrap()
 }
 
 fn origin() -> RequestOrigin {
-    RequestOrigin {
-        ip: Some("127.0.0.1".into()),
-        user_agent: Some("conformance".into()),
-    }
+    RequestOrigin { ip: Some("127.0.0.1".into()), user_agent: Some("conformance".into()) }
 }
 
 fn audit(action: &str, now: Timestamp) -> AuditEvent {
@@ -84,12 +80,7 @@ pub fn new_user(email: &str, now: Timestamp) -> NewUser {
     }
 }
 
-fn token(
-    purpose: TokenPurpose,
-    user: UserId,
-    now: Timestamp,
-    ttl: Duration,
-) -> (SecretToken, OneTimeToken) {
+fn token(purpose: TokenPurpose, user: UserId, now: Timestamp, ttl: Duration) -> (SecretToken, OneTimeToken) {
     let secret = SecretToken::generate();
     let token = OneTimeToken {
         id: OneTimeTokenId::new(),
@@ -122,20 +113,11 @@ pub async fn create_and_find_user(store: Arc<dyn Store>) {
     let now = t0();
     let new = new_user("ada@example.com", now);
     let (secret, tok) = token(TokenPurpose::VerifyEmail, new.id, now, Duration::hours(1));
-    let email = email::render(
-        EmailTemplate::VerifyEmail,
-        Locale::Fr,
-        "http://x/verify",
-        new.email.clone(),
-        now,
-    );
+    let email = email::render(EmailTemplate::VerifyEmail, Locale::Fr, "http://x/verify", new.email.clone(), now);
     let user = store
         .create_user(
             new.clone(),
-            Some(NewOneTimeToken {
-                token: tok,
-                email: Some(email),
-            }),
+            Some(NewOneTimeToken { token: tok, email: Some(email) }),
             audit("user.registered", now),
         )
         .await
@@ -150,145 +132,62 @@ pub async fn create_and_find_user(store: Arc<dyn Store>) {
     assert_eq!(user.created_at, now);
     assert!(user.email_verified_at.is_none());
     assert_eq!(store.user_by_id(user.id).await.unwrap().unwrap(), user);
-    assert_eq!(
-        store.user_by_email(&new.email).await.unwrap().unwrap(),
-        user
-    );
+    assert_eq!(store.user_by_email(&new.email).await.unwrap().unwrap(), user);
     assert!(store.user_by_id(UserId::new()).await.unwrap().is_none());
-    assert!(
-        store
-            .peek_token(&secret.digest(), TokenPurpose::VerifyEmail, now)
-            .await
-            .unwrap()
-            .is_some()
-    );
-    assert!(
-        store
-            .peek_token(&secret.digest(), TokenPurpose::PasswordReset, now)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(store.peek_token(&secret.digest(), TokenPurpose::VerifyEmail, now).await.unwrap().is_some());
+    assert!(store.peek_token(&secret.digest(), TokenPurpose::PasswordReset, now).await.unwrap().is_none());
     assert_eq!(store.pending_email_count().await.unwrap(), 1);
 }
 
 pub async fn email_is_unique_case_insensitively(store: Arc<dyn Store>) {
     let now = t0();
-    store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
     let dup = new_user(" ADA@Example.com ", now);
-    let err = store
-        .create_user(dup.clone(), None, audit("a", now))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, StoreError::Conflict("users_email")),
-        "{err:?}"
-    );
+    let err = store.create_user(dup.clone(), None, audit("a", now)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict("users_email")), "{err:?}");
     // Nothing of the failed registration was written (no half-written account).
     assert!(store.user_by_id(dup.id).await.unwrap().is_none());
-    let registered = store
-        .list_audit(AuditQuery {
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let registered = store.list_audit(AuditQuery { limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(registered.len(), 1);
 }
 
 pub async fn profile_update(store: Arc<dyn Store>) {
     let now = t0();
-    let user = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
     let later = now + Duration::seconds(5);
-    let u = store
-        .update_profile(user.id, Some(Some("Grace".into())), None, later)
-        .await
-        .unwrap();
+    let u = store.update_profile(user.id, Some(Some("Grace".into())), None, later).await.unwrap();
     assert_eq!(u.name.as_deref(), Some("Grace"));
     assert_eq!(u.locale, Locale::Fr);
     assert_eq!(u.updated_at, later);
-    let u = store
-        .update_profile(user.id, Some(None), Some(Locale::En), later)
-        .await
-        .unwrap();
+    let u = store.update_profile(user.id, Some(None), Some(Locale::En), later).await.unwrap();
     assert_eq!(u.name, None);
     assert_eq!(u.locale, Locale::En);
-    assert!(matches!(
-        store.update_profile(UserId::new(), None, None, later).await,
-        Err(StoreError::NotFound)
-    ));
+    assert!(matches!(store.update_profile(UserId::new(), None, None, later).await, Err(StoreError::NotFound)));
 }
 
 pub async fn token_redeems_once(store: Arc<dyn Store>) {
     let now = t0();
-    let user = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
     let (secret, tok) = token(TokenPurpose::VerifyEmail, user.id, now, Duration::hours(1));
-    store
-        .issue_token(NewOneTimeToken {
-            token: tok,
-            email: None,
-        })
-        .await
-        .unwrap();
+    store.issue_token(NewOneTimeToken { token: tok, email: None }).await.unwrap();
     let digest = secret.digest();
     // Wrong purpose does not redeem it.
-    let wrong = store
-        .redeem_token(
-            &digest,
-            TokenPurpose::MagicLink,
-            now,
-            TokenEffect::VerifyEmail,
-            audit("x", now),
-        )
-        .await;
+    let wrong =
+        store.redeem_token(&digest, TokenPurpose::MagicLink, now, TokenEffect::VerifyEmail, audit("x", now)).await;
     assert!(matches!(wrong, Err(StoreError::NotFound)));
     let redeemed = store
-        .redeem_token(
-            &digest,
-            TokenPurpose::VerifyEmail,
-            now,
-            TokenEffect::VerifyEmail,
-            audit("email.verified", now),
-        )
+        .redeem_token(&digest, TokenPurpose::VerifyEmail, now, TokenEffect::VerifyEmail, audit("email.verified", now))
         .await
         .unwrap();
     assert_eq!(redeemed.user.email_verified_at, Some(now));
     assert!(redeemed.session.is_none());
-    let again = store
-        .redeem_token(
-            &digest,
-            TokenPurpose::VerifyEmail,
-            now,
-            TokenEffect::VerifyEmail,
-            audit("x", now),
-        )
-        .await;
+    let again =
+        store.redeem_token(&digest, TokenPurpose::VerifyEmail, now, TokenEffect::VerifyEmail, audit("x", now)).await;
     assert!(matches!(again, Err(StoreError::NotFound)));
-    assert!(
-        store
-            .peek_token(&digest, TokenPurpose::VerifyEmail, now)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(store.peek_token(&digest, TokenPurpose::VerifyEmail, now).await.unwrap().is_none());
     // Concurrent redemptions of one magic link: exactly one session.
     let (secret, tok) = token(TokenPurpose::MagicLink, user.id, now, Duration::hours(1));
-    store
-        .issue_token(NewOneTimeToken {
-            token: tok,
-            email: None,
-        })
-        .await
-        .unwrap();
+    store.issue_token(NewOneTimeToken { token: tok, email: None }).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let store = store.clone();
@@ -323,75 +222,32 @@ pub async fn token_redeems_once(store: Arc<dyn Store>) {
 
 pub async fn expired_token_is_refused(store: Arc<dyn Store>) {
     let now = t0();
-    let user = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
-    let (secret, tok) = token(
-        TokenPurpose::PasswordReset,
-        user.id,
-        now,
-        Duration::minutes(60),
-    );
-    store
-        .issue_token(NewOneTimeToken {
-            token: tok,
-            email: None,
-        })
-        .await
-        .unwrap();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
+    let (secret, tok) = token(TokenPurpose::PasswordReset, user.id, now, Duration::minutes(60));
+    store.issue_token(NewOneTimeToken { token: tok, email: None }).await.unwrap();
     let late = now + Duration::minutes(61);
-    assert!(
-        store
-            .peek_token(&secret.digest(), TokenPurpose::PasswordReset, late)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(store.peek_token(&secret.digest(), TokenPurpose::PasswordReset, late).await.unwrap().is_none());
     let r = store
         .redeem_token(
             &secret.digest(),
             TokenPurpose::PasswordReset,
             late,
-            TokenEffect::ResetPassword {
-                password_hash: "x".into(),
-            },
+            TokenEffect::ResetPassword { password_hash: "x".into() },
             audit("x", late),
         )
         .await;
     assert!(matches!(r, Err(StoreError::NotFound)));
-    assert_eq!(
-        store
-            .user_by_id(user.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .password_hash
-            .as_deref(),
-        Some("$argon2id$fake")
-    );
+    assert_eq!(store.user_by_id(user.id).await.unwrap().unwrap().password_hash.as_deref(), Some("$argon2id$fake"));
 }
 
 pub async fn change_email_conflict_is_atomic(store: Arc<dyn Store>) {
     let now = t0();
-    let ada = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    let ada = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
     let (secret, mut tok) = token(TokenPurpose::ChangeEmail, ada.id, now, Duration::hours(1));
     tok.new_email = Some(EmailAddress::parse("grace@example.com").unwrap());
-    store
-        .issue_token(NewOneTimeToken {
-            token: tok,
-            email: None,
-        })
-        .await
-        .unwrap();
+    store.issue_token(NewOneTimeToken { token: tok, email: None }).await.unwrap();
     // Someone registers the address before Ada confirms.
-    store
-        .create_user(new_user("grace@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    store.create_user(new_user("grace@example.com", now), None, audit("a", now)).await.unwrap();
     let r = store
         .redeem_token(
             &secret.digest(),
@@ -401,38 +257,14 @@ pub async fn change_email_conflict_is_atomic(store: Arc<dyn Store>) {
             audit("email.changed", now),
         )
         .await;
-    assert!(
-        matches!(r, Err(StoreError::Conflict("users_email"))),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(StoreError::Conflict("users_email"))), "{r:?}");
     // The token is still unused (the transaction rolled back) and Ada's email unchanged.
-    assert!(
-        store
-            .peek_token(&secret.digest(), TokenPurpose::ChangeEmail, now)
-            .await
-            .unwrap()
-            .is_some()
-    );
-    assert_eq!(
-        store
-            .user_by_id(ada.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .email
-            .as_str(),
-        "ada@example.com"
-    );
+    assert!(store.peek_token(&secret.digest(), TokenPurpose::ChangeEmail, now).await.unwrap().is_some());
+    assert_eq!(store.user_by_id(ada.id).await.unwrap().unwrap().email.as_str(), "ada@example.com");
 
     let (secret, mut tok) = token(TokenPurpose::ChangeEmail, ada.id, now, Duration::hours(1));
     tok.new_email = Some(EmailAddress::parse("ada@new.example").unwrap());
-    store
-        .issue_token(NewOneTimeToken {
-            token: tok,
-            email: None,
-        })
-        .await
-        .unwrap();
+    store.issue_token(NewOneTimeToken { token: tok, email: None }).await.unwrap();
     let r = store
         .redeem_token(
             &secret.digest(),
@@ -444,127 +276,55 @@ pub async fn change_email_conflict_is_atomic(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(r.user.email.as_str(), "ada@new.example");
-    assert!(
-        store
-            .user_by_email(&EmailAddress::parse("ada@example.com").unwrap())
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(store.user_by_email(&EmailAddress::parse("ada@example.com").unwrap()).await.unwrap().is_none());
 }
 
 pub async fn reset_password_ends_sessions(store: Arc<dyn Store>) {
     let now = t0();
-    let user = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
     for _ in 0..2 {
         let (_, s) = session_for(user.id, now);
-        store
-            .create_session(s, audit("login.succeeded", now))
-            .await
-            .unwrap();
+        store.create_session(s, audit("login.succeeded", now)).await.unwrap();
     }
-    let (secret, tok) = token(
-        TokenPurpose::PasswordReset,
-        user.id,
-        now,
-        Duration::hours(1),
-    );
-    store
-        .issue_token(NewOneTimeToken {
-            token: tok,
-            email: None,
-        })
-        .await
-        .unwrap();
+    let (secret, tok) = token(TokenPurpose::PasswordReset, user.id, now, Duration::hours(1));
+    store.issue_token(NewOneTimeToken { token: tok, email: None }).await.unwrap();
     let r = store
         .redeem_token(
             &secret.digest(),
             TokenPurpose::PasswordReset,
             now,
-            TokenEffect::ResetPassword {
-                password_hash: "new-hash".into(),
-            },
+            TokenEffect::ResetPassword { password_hash: "new-hash".into() },
             audit("password.reset", now),
         )
         .await
         .unwrap();
     assert_eq!(r.user.password_hash.as_deref(), Some("new-hash"));
-    assert!(
-        r.user.email_verified_at.is_some(),
-        "a followed reset link proves the address"
-    );
+    assert!(r.user.email_verified_at.is_some(), "a followed reset link proves the address");
     assert!(store.list_sessions(user.id, now).await.unwrap().is_empty());
     // change_password keeps one session.
     let (_, keep) = session_for(user.id, now);
-    let keep = store
-        .create_session(keep, audit("login.succeeded", now))
-        .await
-        .unwrap();
+    let keep = store.create_session(keep, audit("login.succeeded", now)).await.unwrap();
     let (_, other) = session_for(user.id, now);
-    store
-        .create_session(other, audit("login.succeeded", now))
-        .await
-        .unwrap();
-    store
-        .change_password(
-            user.id,
-            "newer".into(),
-            Some(keep.id),
-            audit("password.changed", now),
-        )
-        .await
-        .unwrap();
+    store.create_session(other, audit("login.succeeded", now)).await.unwrap();
+    store.change_password(user.id, "newer".into(), Some(keep.id), audit("password.changed", now)).await.unwrap();
     let live = store.list_sessions(user.id, now).await.unwrap();
     assert_eq!(live.iter().map(|s| s.id).collect::<Vec<_>>(), vec![keep.id]);
-    assert_eq!(
-        store
-            .user_by_id(user.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .password_hash
-            .as_deref(),
-        Some("newer")
-    );
+    assert_eq!(store.user_by_id(user.id).await.unwrap().unwrap().password_hash.as_deref(), Some("newer"));
 }
 
 pub async fn refresh_rotation_and_reuse_detection(store: Arc<dyn Store>) {
     let now = t0();
-    let user = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
     let (first, s) = session_for(user.id, now);
-    let session = store
-        .create_session(s, audit("login.succeeded", now))
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .user_by_id(user.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_login_at,
-        Some(now)
-    );
+    let session = store.create_session(s, audit("login.succeeded", now)).await.unwrap();
+    assert_eq!(store.user_by_id(user.id).await.unwrap().unwrap().last_login_at, Some(now));
     let second = SecretToken::generate();
     let out = store
-        .rotate_refresh_token(Rotation {
-            presented: first.digest(),
-            replacement: second.digest(),
-            now,
-        })
+        .rotate_refresh_token(Rotation { presented: first.digest(), replacement: second.digest(), now })
         .await
         .unwrap();
     match out {
-        RefreshOutcome::Rotated {
-            session: s,
-            user: u,
-        } => {
+        RefreshOutcome::Rotated { session: s, user: u } => {
             assert_eq!(s.id, session.id);
             assert_eq!(u.id, user.id);
         }
@@ -573,50 +333,27 @@ pub async fn refresh_rotation_and_reuse_detection(store: Arc<dyn Store>) {
     let third = SecretToken::generate();
     // Replaying the first token revokes the session...
     let out = store
-        .rotate_refresh_token(Rotation {
-            presented: first.digest(),
-            replacement: third.digest(),
-            now,
-        })
+        .rotate_refresh_token(Rotation { presented: first.digest(), replacement: third.digest(), now })
         .await
         .unwrap();
-    assert_eq!(
-        out,
-        RefreshOutcome::Reused {
-            session_id: session.id
-        }
-    );
+    assert_eq!(out, RefreshOutcome::Reused { session_id: session.id });
     // ...so even the current token is dead now, and so is the replacement.
     let out = store
-        .rotate_refresh_token(Rotation {
-            presented: second.digest(),
-            replacement: third.digest(),
-            now,
-        })
+        .rotate_refresh_token(Rotation { presented: second.digest(), replacement: third.digest(), now })
         .await
         .unwrap();
-    assert!(
-        matches!(out, RefreshOutcome::Invalid | RefreshOutcome::Reused { .. }),
-        "{out:?}"
-    );
+    assert!(matches!(out, RefreshOutcome::Invalid | RefreshOutcome::Reused { .. }), "{out:?}");
     assert!(store.list_sessions(user.id, now).await.unwrap().is_empty());
     let unknown = SecretToken::generate();
     let out = store
-        .rotate_refresh_token(Rotation {
-            presented: unknown.digest(),
-            replacement: third.digest(),
-            now,
-        })
+        .rotate_refresh_token(Rotation { presented: unknown.digest(), replacement: third.digest(), now })
         .await
         .unwrap();
     assert_eq!(out, RefreshOutcome::Invalid);
     // An expired session does not refresh.
     let (tok, mut s) = session_for(user.id, now);
     s.expires_at = now + Duration::seconds(1);
-    store
-        .create_session(s, audit("login.succeeded", now))
-        .await
-        .unwrap();
+    store.create_session(s, audit("login.succeeded", now)).await.unwrap();
     let out = store
         .rotate_refresh_token(Rotation {
             presented: tok.digest(),
@@ -630,26 +367,16 @@ pub async fn refresh_rotation_and_reuse_detection(store: Arc<dyn Store>) {
 
 pub async fn concurrent_refresh_rotates_once(store: Arc<dyn Store>) {
     let now = t0();
-    let user = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
     let (first, s) = session_for(user.id, now);
-    store
-        .create_session(s, audit("login.succeeded", now))
-        .await
-        .unwrap();
+    store.create_session(s, audit("login.succeeded", now)).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let store = store.clone();
         let presented = first.digest();
         tasks.push(tokio::spawn(async move {
             store
-                .rotate_refresh_token(Rotation {
-                    presented,
-                    replacement: SecretToken::generate().digest(),
-                    now,
-                })
+                .rotate_refresh_token(Rotation { presented, replacement: SecretToken::generate().digest(), now })
                 .await
                 .unwrap()
         }));
@@ -665,14 +392,8 @@ pub async fn concurrent_refresh_rotates_once(store: Arc<dyn Store>) {
 
 pub async fn revoke_sessions_scopes(store: Arc<dyn Store>) {
     let now = t0();
-    let ada = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
-    let bob = store
-        .create_user(new_user("bob@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    let ada = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
+    let bob = store.create_user(new_user("bob@example.com", now), None, audit("a", now)).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..3 {
         let (_, s) = session_for(ada.id, now);
@@ -681,61 +402,23 @@ pub async fn revoke_sessions_scopes(store: Arc<dyn Store>) {
     let (_, s) = session_for(bob.id, now);
     let bobs = store.create_session(s, audit("l", now)).await.unwrap();
     // Ada cannot revoke Bob's session: it is not hers.
-    let r = store
-        .revoke_sessions(
-            ada.id,
-            SessionScope::One(bobs.id),
-            audit("session.revoked", now),
-        )
-        .await;
+    let r = store.revoke_sessions(ada.id, SessionScope::One(bobs.id), audit("session.revoked", now)).await;
     assert!(matches!(r, Err(StoreError::NotFound)));
     assert_eq!(store.list_sessions(bob.id, now).await.unwrap().len(), 1);
-    assert_eq!(
-        store
-            .revoke_sessions(ada.id, SessionScope::One(ids[0]), audit("s", now))
-            .await
-            .unwrap(),
-        1
-    );
-    let r = store
-        .revoke_sessions(ada.id, SessionScope::One(ids[0]), audit("s", now))
-        .await;
-    assert!(
-        matches!(r, Err(StoreError::NotFound)),
-        "revoking twice is not found"
-    );
-    assert_eq!(
-        store
-            .revoke_sessions(ada.id, SessionScope::AllExcept(ids[2]), audit("s", now))
-            .await
-            .unwrap(),
-        1
-    );
-    let live: Vec<_> = store
-        .list_sessions(ada.id, now)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.id)
-        .collect();
+    assert_eq!(store.revoke_sessions(ada.id, SessionScope::One(ids[0]), audit("s", now)).await.unwrap(), 1);
+    let r = store.revoke_sessions(ada.id, SessionScope::One(ids[0]), audit("s", now)).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "revoking twice is not found");
+    assert_eq!(store.revoke_sessions(ada.id, SessionScope::AllExcept(ids[2]), audit("s", now)).await.unwrap(), 1);
+    let live: Vec<_> = store.list_sessions(ada.id, now).await.unwrap().into_iter().map(|s| s.id).collect();
     assert_eq!(live, vec![ids[2]]);
-    assert_eq!(
-        store
-            .revoke_sessions(ada.id, SessionScope::All, audit("s", now))
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(store.revoke_sessions(ada.id, SessionScope::All, audit("s", now)).await.unwrap(), 1);
     assert!(store.list_sessions(ada.id, now).await.unwrap().is_empty());
     assert_eq!(store.list_sessions(bob.id, now).await.unwrap().len(), 1);
 }
 
 pub async fn session_with_user_and_touch(store: Arc<dyn Store>) {
     let now = t0();
-    let user = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
     let (_, s) = session_for(user.id, now);
     let session = store.create_session(s, audit("l", now)).await.unwrap();
     let (got, u) = store.session_with_user(session.id).await.unwrap().unwrap();
@@ -744,107 +427,39 @@ pub async fn session_with_user_and_touch(store: Arc<dyn Store>) {
     assert!(got.is_live(now));
     let later = now + Duration::minutes(5);
     // Not stale yet: no write.
-    store
-        .touch_session(session.id, later, now - Duration::minutes(1))
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .session_with_user(session.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .0
-            .last_seen_at,
-        now
-    );
-    store
-        .touch_session(session.id, later, later - Duration::minutes(1))
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .session_with_user(session.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .0
-            .last_seen_at,
-        later
-    );
-    assert!(
-        store
-            .session_with_user(SessionId::new())
-            .await
-            .unwrap()
-            .is_none()
-    );
-    store
-        .revoke_sessions(user.id, SessionScope::All, audit("s", now))
-        .await
-        .unwrap();
+    store.touch_session(session.id, later, now - Duration::minutes(1)).await.unwrap();
+    assert_eq!(store.session_with_user(session.id).await.unwrap().unwrap().0.last_seen_at, now);
+    store.touch_session(session.id, later, later - Duration::minutes(1)).await.unwrap();
+    assert_eq!(store.session_with_user(session.id).await.unwrap().unwrap().0.last_seen_at, later);
+    assert!(store.session_with_user(SessionId::new()).await.unwrap().is_none());
+    store.revoke_sessions(user.id, SessionScope::All, audit("s", now)).await.unwrap();
     let (revoked, _) = store.session_with_user(session.id).await.unwrap().unwrap();
     assert!(!revoked.is_live(later));
 }
 
 pub async fn totp_lifecycle(store: Arc<dyn Store>) {
     let now = t0();
-    let user = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
-    let r = store
-        .enable_totp(user.id, 5, vec![], audit("mfa.enabled", now))
-        .await;
-    assert!(
-        matches!(r, Err(StoreError::NotFound)),
-        "no secret yet: {r:?}"
-    );
-    store
-        .set_totp_secret(user.id, "SECRETONE".into(), now)
-        .await
-        .unwrap();
-    store
-        .set_totp_secret(user.id, "SECRETTWO".into(), now)
-        .await
-        .unwrap();
-    let codes: Vec<TokenDigest> = (0..10)
-        .map(|i| TokenDigest::of(&format!("code{i}")))
-        .collect();
-    store
-        .enable_totp(user.id, 100, codes, audit("mfa.enabled", now))
-        .await
-        .unwrap();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
+    let r = store.enable_totp(user.id, 5, vec![], audit("mfa.enabled", now)).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "no secret yet: {r:?}");
+    store.set_totp_secret(user.id, "SECRETONE".into(), now).await.unwrap();
+    store.set_totp_secret(user.id, "SECRETTWO".into(), now).await.unwrap();
+    let codes: Vec<TokenDigest> = (0..10).map(|i| TokenDigest::of(&format!("code{i}"))).collect();
+    store.enable_totp(user.id, 100, codes, audit("mfa.enabled", now)).await.unwrap();
     let u = store.user_by_id(user.id).await.unwrap().unwrap();
     assert_eq!(u.totp_secret.as_deref(), Some("SECRETTWO"));
     assert!(u.totp_enabled());
     assert_eq!(u.totp_last_step, Some(100));
     assert_eq!(store.unused_recovery_codes(user.id).await.unwrap(), 10);
+    assert!(matches!(store.set_totp_secret(user.id, "X".into(), now).await, Err(StoreError::Conflict("totp_enabled"))));
     assert!(matches!(
-        store.set_totp_secret(user.id, "X".into(), now).await,
+        store.enable_totp(user.id, 101, vec![], audit("m", now)).await,
         Err(StoreError::Conflict("totp_enabled"))
     ));
-    assert!(matches!(
-        store
-            .enable_totp(user.id, 101, vec![], audit("m", now))
-            .await,
-        Err(StoreError::Conflict("totp_enabled"))
-    ));
-    store
-        .replace_recovery_codes(user.id, vec![TokenDigest::of("fresh")], audit("m", now))
-        .await
-        .unwrap();
+    store.replace_recovery_codes(user.id, vec![TokenDigest::of("fresh")], audit("m", now)).await.unwrap();
     assert_eq!(store.unused_recovery_codes(user.id).await.unwrap(), 1);
-    assert!(
-        !store
-            .use_recovery_code(user.id, &TokenDigest::of("code1"), now)
-            .await
-            .unwrap()
-    );
-    store
-        .disable_totp(user.id, audit("mfa.disabled", now))
-        .await
-        .unwrap();
+    assert!(!store.use_recovery_code(user.id, &TokenDigest::of("code1"), now).await.unwrap());
+    store.disable_totp(user.id, audit("mfa.disabled", now)).await.unwrap();
     let u = store.user_by_id(user.id).await.unwrap().unwrap();
     assert!(!u.totp_enabled());
     assert!(u.totp_secret.is_none());
@@ -853,32 +468,15 @@ pub async fn totp_lifecycle(store: Arc<dyn Store>) {
 
 pub async fn totp_step_accepted_once_concurrently(store: Arc<dyn Store>) {
     let now = t0();
-    let user = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
-    store
-        .set_totp_secret(user.id, "S".into(), now)
-        .await
-        .unwrap();
-    store
-        .enable_totp(user.id, 100, vec![], audit("m", now))
-        .await
-        .unwrap();
-    assert!(
-        !store.use_totp_step(user.id, 100).await.unwrap(),
-        "the enabling step is used"
-    );
-    assert!(
-        !store.use_totp_step(user.id, 99).await.unwrap(),
-        "older steps are refused"
-    );
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
+    store.set_totp_secret(user.id, "S".into(), now).await.unwrap();
+    store.enable_totp(user.id, 100, vec![], audit("m", now)).await.unwrap();
+    assert!(!store.use_totp_step(user.id, 100).await.unwrap(), "the enabling step is used");
+    assert!(!store.use_totp_step(user.id, 99).await.unwrap(), "older steps are refused");
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            store.use_totp_step(user.id, 101).await.unwrap()
-        }));
+        tasks.push(tokio::spawn(async move { store.use_totp_step(user.id, 101).await.unwrap() }));
     }
     let mut accepted = 0;
     for t in tasks {
@@ -889,43 +487,17 @@ pub async fn totp_step_accepted_once_concurrently(store: Arc<dyn Store>) {
 
 pub async fn recovery_codes_single_use(store: Arc<dyn Store>) {
     let now = t0();
-    let ada = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
-    let bob = store
-        .create_user(new_user("bob@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
-    store
-        .set_totp_secret(ada.id, "S".into(), now)
-        .await
-        .unwrap();
-    store
-        .enable_totp(
-            ada.id,
-            1,
-            vec![TokenDigest::of("c1"), TokenDigest::of("c2")],
-            audit("m", now),
-        )
-        .await
-        .unwrap();
-    assert!(
-        !store
-            .use_recovery_code(bob.id, &TokenDigest::of("c1"), now)
-            .await
-            .unwrap(),
-        "codes belong to one user"
-    );
+    let ada = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
+    let bob = store.create_user(new_user("bob@example.com", now), None, audit("a", now)).await.unwrap();
+    store.set_totp_secret(ada.id, "S".into(), now).await.unwrap();
+    store.enable_totp(ada.id, 1, vec![TokenDigest::of("c1"), TokenDigest::of("c2")], audit("m", now)).await.unwrap();
+    assert!(!store.use_recovery_code(bob.id, &TokenDigest::of("c1"), now).await.unwrap(), "codes belong to one user");
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            store
-                .use_recovery_code(ada.id, &TokenDigest::of("c1"), now)
-                .await
-                .unwrap()
-        }));
+        tasks.push(tokio::spawn(
+            async move { store.use_recovery_code(ada.id, &TokenDigest::of("c1"), now).await.unwrap() },
+        ));
     }
     let mut used = 0;
     for t in tasks {
@@ -942,54 +514,27 @@ pub async fn admin_upsert(store: Arc<dyn Store>) {
     new.role = Role::Admin;
     new.password_hash = None;
     let (secret, tok) = token(TokenPurpose::PasswordReset, new.id, now, Duration::hours(1));
-    let admin = store
-        .upsert_admin(new, tok, audit("user.admin_granted", now))
-        .await
-        .unwrap();
+    let admin = store.upsert_admin(new, tok, audit("user.admin_granted", now)).await.unwrap();
     assert_eq!(admin.role, Role::Admin);
     assert!(admin.password_hash.is_none());
-    let live = store
-        .peek_token(&secret.digest(), TokenPurpose::PasswordReset, now)
-        .await
-        .unwrap()
-        .unwrap();
+    let live = store.peek_token(&secret.digest(), TokenPurpose::PasswordReset, now).await.unwrap().unwrap();
     assert_eq!(live.user_id, admin.id);
     // ...or promotes an existing user, binding the token to them.
-    let user = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
     let mut again = new_user("ada@example.com", now);
     again.role = Role::Admin;
-    let (secret, tok) = token(
-        TokenPurpose::PasswordReset,
-        again.id,
-        now,
-        Duration::hours(1),
-    );
-    let promoted = store
-        .upsert_admin(again, tok, audit("user.admin_granted", now))
-        .await
-        .unwrap();
+    let (secret, tok) = token(TokenPurpose::PasswordReset, again.id, now, Duration::hours(1));
+    let promoted = store.upsert_admin(again, tok, audit("user.admin_granted", now)).await.unwrap();
     assert_eq!(promoted.id, user.id);
     assert_eq!(promoted.role, Role::Admin);
     assert_eq!(promoted.password_hash.as_deref(), Some("$argon2id$fake"));
-    let live = store
-        .peek_token(&secret.digest(), TokenPurpose::PasswordReset, now)
-        .await
-        .unwrap()
-        .unwrap();
+    let live = store.peek_token(&secret.digest(), TokenPurpose::PasswordReset, now).await.unwrap().unwrap();
     assert_eq!(live.user_id, user.id);
 }
 
 pub async fn token_requires_existing_user(store: Arc<dyn Store>) {
     let now = t0();
-    let (secret, tok) = token(
-        TokenPurpose::MagicLink,
-        UserId::new(),
-        now,
-        Duration::hours(1),
-    );
+    let (secret, tok) = token(TokenPurpose::MagicLink, UserId::new(), now, Duration::hours(1));
     let email = email::render(
         EmailTemplate::MagicLink,
         Locale::En,
@@ -997,80 +542,35 @@ pub async fn token_requires_existing_user(store: Arc<dyn Store>) {
         EmailAddress::parse("x@example.com").unwrap(),
         now,
     );
-    let r = store
-        .issue_token(NewOneTimeToken {
-            token: tok,
-            email: Some(email),
-        })
-        .await;
+    let r = store.issue_token(NewOneTimeToken { token: tok, email: Some(email) }).await;
     assert!(r.is_err(), "a token must belong to an existing user");
-    assert!(
-        store
-            .peek_token(&secret.digest(), TokenPurpose::MagicLink, now)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    assert_eq!(
-        store.pending_email_count().await.unwrap(),
-        0,
-        "nothing half-written"
-    );
+    assert!(store.peek_token(&secret.digest(), TokenPurpose::MagicLink, now).await.unwrap().is_none());
+    assert_eq!(store.pending_email_count().await.unwrap(), 0, "nothing half-written");
 }
 
 pub async fn audit_is_recorded_and_filtered(store: Arc<dyn Store>) {
     let now = t0();
     let user = store
-        .create_user(
-            new_user("ada@example.com", now),
-            None,
-            audit("user.registered", now).target_user(UserId::new()),
-        )
+        .create_user(new_user("ada@example.com", now), None, audit("user.registered", now).target_user(UserId::new()))
         .await
         .unwrap();
-    let e = AuditEvent::new(
-        Actor::User(user.id),
-        "login.failed",
-        &origin(),
-        now + Duration::seconds(1),
-    )
-    .target_user(user.id)
-    .severity(crate::audit::Severity::Warning)
-    .meta("reason", "invalid_credentials");
+    let e = AuditEvent::new(Actor::User(user.id), "login.failed", &origin(), now + Duration::seconds(1))
+        .target_user(user.id)
+        .severity(crate::audit::Severity::Warning)
+        .meta("reason", "invalid_credentials");
     store.record_audit(e.clone()).await.unwrap();
     store
-        .record_audit(AuditEvent::new(
-            Actor::Anonymous,
-            "login.failed",
-            &origin(),
-            now + Duration::seconds(2),
-        ))
+        .record_audit(AuditEvent::new(Actor::Anonymous, "login.failed", &origin(), now + Duration::seconds(2)))
         .await
         .unwrap();
-    let all = store
-        .list_audit(AuditQuery {
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let all = store.list_audit(AuditQuery { limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(all.len(), 3);
     assert_eq!(all[1], e, "round trip keeps every field; newest first");
-    let mine = store
-        .list_audit(AuditQuery {
-            target_user: Some(user.id),
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mine =
+        store.list_audit(AuditQuery { target_user: Some(user.id), limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(mine, vec![e]);
     let logins = store
-        .list_audit(AuditQuery {
-            action_prefix: Some("login.".into()),
-            limit: 1,
-            ..Default::default()
-        })
+        .list_audit(AuditQuery { action_prefix: Some("login.".into()), limit: 1, ..Default::default() })
         .await
         .unwrap();
     assert_eq!(logins.len(), 1);
@@ -1079,26 +579,11 @@ pub async fn audit_is_recorded_and_filtered(store: Arc<dyn Store>) {
 
 pub async fn outbox_claim_lease_and_outcomes(store: Arc<dyn Store>) {
     let now = t0();
-    let user = store
-        .create_user(new_user("ada@example.com", now), None, audit("a", now))
-        .await
-        .unwrap();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
     for purpose in [TokenPurpose::VerifyEmail, TokenPurpose::MagicLink] {
         let (_, tok) = token(purpose, user.id, now, Duration::hours(1));
-        let email = email::render(
-            EmailTemplate::MagicLink,
-            Locale::En,
-            "http://x/y?token=z",
-            user.email.clone(),
-            now,
-        );
-        store
-            .issue_token(NewOneTimeToken {
-                token: tok,
-                email: Some(email),
-            })
-            .await
-            .unwrap();
+        let email = email::render(EmailTemplate::MagicLink, Locale::En, "http://x/y?token=z", user.email.clone(), now);
+        store.issue_token(NewOneTimeToken { token: tok, email: Some(email) }).await.unwrap();
     }
     assert_eq!(store.pending_email_count().await.unwrap(), 2);
     let lease = now + Duration::seconds(60);
@@ -1108,78 +593,28 @@ pub async fn outbox_claim_lease_and_outcomes(store: Arc<dyn Store>) {
     assert!(claimed[0].text_body.contains("http://x/y?token=z"));
     // Leased: a second sender gets nothing until the lease runs out.
     assert!(store.claim_emails(now, lease, 10).await.unwrap().is_empty());
-    store
-        .finish_email(claimed[0].id, EmailOutcome::Sent, now)
-        .await
-        .unwrap();
+    store.finish_email(claimed[0].id, EmailOutcome::Sent, now).await.unwrap();
     let retry_at = now + Duration::seconds(30);
     store
-        .finish_email(
-            claimed[1].id,
-            EmailOutcome::Retry {
-                at: retry_at,
-                error: "421 try later".into(),
-            },
-            now,
-        )
+        .finish_email(claimed[1].id, EmailOutcome::Retry { at: retry_at, error: "421 try later".into() }, now)
         .await
         .unwrap();
     assert_eq!(store.pending_email_count().await.unwrap(), 1);
-    assert!(
-        store
-            .claim_emails(now + Duration::seconds(10), lease, 10)
-            .await
-            .unwrap()
-            .is_empty(),
-        "not due yet"
-    );
-    let again = store
-        .claim_emails(retry_at, retry_at + Duration::seconds(60), 10)
-        .await
-        .unwrap();
+    assert!(store.claim_emails(now + Duration::seconds(10), lease, 10).await.unwrap().is_empty(), "not due yet");
+    let again = store.claim_emails(retry_at, retry_at + Duration::seconds(60), 10).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].attempts, 1);
-    store
-        .finish_email(
-            again[0].id,
-            EmailOutcome::Failed {
-                error: "550".into(),
-            },
-            retry_at,
-        )
-        .await
-        .unwrap();
+    store.finish_email(again[0].id, EmailOutcome::Failed { error: "550".into() }, retry_at).await.unwrap();
     assert_eq!(store.pending_email_count().await.unwrap(), 0);
     // An expired lease (a sender that died) is claimed again.
     let (_, tok) = token(TokenPurpose::VerifyEmail, user.id, now, Duration::hours(1));
-    let email = email::render(
-        EmailTemplate::VerifyEmail,
-        Locale::En,
-        "http://x",
-        user.email.clone(),
-        now,
-    );
-    store
-        .issue_token(NewOneTimeToken {
-            token: tok,
-            email: Some(email),
-        })
-        .await
-        .unwrap();
-    let first = store
-        .claim_emails(now, now + Duration::seconds(5), 10)
-        .await
-        .unwrap();
+    let email = email::render(EmailTemplate::VerifyEmail, Locale::En, "http://x", user.email.clone(), now);
+    store.issue_token(NewOneTimeToken { token: tok, email: Some(email) }).await.unwrap();
+    let first = store.claim_emails(now, now + Duration::seconds(5), 10).await.unwrap();
     assert_eq!(first.len(), 1);
-    let reclaimed = store
-        .claim_emails(now + Duration::seconds(6), now + Duration::seconds(60), 10)
-        .await
-        .unwrap();
+    let reclaimed = store.claim_emails(now + Duration::seconds(6), now + Duration::seconds(60), 10).await.unwrap();
     assert_eq!(reclaimed.len(), 1);
     assert_eq!(reclaimed[0].id, first[0].id);
-    store
-        .finish_email(reclaimed[0].id, EmailOutcome::Logged, now)
-        .await
-        .unwrap();
+    store.finish_email(reclaimed[0].id, EmailOutcome::Logged, now).await.unwrap();
     assert_eq!(store.pending_email_count().await.unwrap(), 0);
 }

@@ -64,21 +64,12 @@ pub enum EmailStatus {
 crate::identity::str_enum!(EmailStatus { Pending => "pending", Sent => "sent", Logged => "logged", Failed => "failed" });
 
 fn escape_html(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 /// Renders `template` for `locale` around `link`. The link is the only dynamic part,
 /// so there is nothing user-controlled to escape except the link itself.
-pub fn render(
-    template: EmailTemplate,
-    locale: Locale,
-    link: &str,
-    to: EmailAddress,
-    now: Timestamp,
-) -> NewEmail {
+pub fn render(template: EmailTemplate, locale: Locale, link: &str, to: EmailAddress, now: Timestamp) -> NewEmail {
     let (subject, intro, action, outro) = match (template, locale) {
         (EmailTemplate::VerifyEmail, Locale::En) => (
             "Confirm your email address",
@@ -165,20 +156,8 @@ mod tests {
             EmailTemplate::MagicLink,
             EmailTemplate::ChangeEmail,
         ] {
-            let en = render(
-                template,
-                Locale::En,
-                "https://x.test/a?token=t&x=1",
-                to.clone(),
-                now,
-            );
-            let fr = render(
-                template,
-                Locale::Fr,
-                "https://x.test/a?token=t&x=1",
-                to.clone(),
-                now,
-            );
+            let en = render(template, Locale::En, "https://x.test/a?token=t&x=1", to.clone(), now);
+            let fr = render(template, Locale::Fr, "https://x.test/a?token=t&x=1", to.clone(), now);
             assert_ne!(en.subject, fr.subject);
             assert!(en.text_body.contains("https://x.test/a?token=t&x=1"));
             assert!(fr.html_body.contains("https://x.test/a?token=t&amp;x=1"));

@@ -16,10 +16,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     pub const fn per(requests: u32, window: Duration) -> Self {
-        Self {
-            requests,
-            window_seconds: window.as_secs(),
-        }
+        Self { requests, window_seconds: window.as_secs() }
     }
 
     fn window_nanos(&self) -> i128 {
@@ -59,8 +56,7 @@ pub fn gcra(limit: RateLimit, tat: Option<i128>, now: i128, cost: u32) -> Decisi
     let tat = tat.unwrap_or(now).max(now);
     let new_tat = tat + interval * i128::from(cost);
     let allow_at = new_tat - window;
-    let remaining_after =
-        |tat: i128| ((now + window - tat) / interval).clamp(0, i128::from(limit.requests)) as u32;
+    let remaining_after = |tat: i128| ((now + window - tat) / interval).clamp(0, i128::from(limit.requests)) as u32;
     if allow_at > now {
         return Decision {
             allowed: false,

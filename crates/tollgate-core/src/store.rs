@@ -9,8 +9,8 @@ use crate::Timestamp;
 use crate::audit::{AuditEvent, AuditQuery};
 use crate::email::{NewEmail, OutboxEmail};
 use crate::identity::{
-    EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session,
-    SessionScope, TokenDigest, TokenEffect, TokenPurpose, User,
+    EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
+    TokenDigest, TokenEffect, TokenPurpose, User,
 };
 use crate::ids::{EmailId, SessionId, UserId};
 
@@ -86,12 +86,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gives an existing user the admin role, or creates an admin without a password;
     /// then issues `token` (a password-reset link) for them.
-    async fn upsert_admin(
-        &self,
-        user: NewUser,
-        token: OneTimeToken,
-        audit: AuditEvent,
-    ) -> Result<User, StoreError>;
+    async fn upsert_admin(&self, user: NewUser, token: OneTimeToken, audit: AuditEvent) -> Result<User, StoreError>;
 
     // ---- one-time tokens ---------------------------------------------------------
 
@@ -121,51 +116,30 @@ pub trait Store: Send + Sync + 'static {
     // ---- sessions ----------------------------------------------------------------
 
     /// Opens a session after a successful login and records the login.
-    async fn create_session(
-        &self,
-        session: NewSession,
-        audit: AuditEvent,
-    ) -> Result<Session, StoreError>;
+    async fn create_session(&self, session: NewSession, audit: AuditEvent) -> Result<Session, StoreError>;
 
     /// Rotates a refresh token; a replayed (already rotated) token revokes its session.
     async fn rotate_refresh_token(&self, rotation: Rotation) -> Result<RefreshOutcome, StoreError>;
 
     /// The session and its user, whatever their state (callers check liveness).
-    async fn session_with_user(&self, id: SessionId)
-    -> Result<Option<(Session, User)>, StoreError>;
+    async fn session_with_user(&self, id: SessionId) -> Result<Option<(Session, User)>, StoreError>;
 
     /// Records activity; writes only when the stored time is older than `stale_before`,
     /// so a busy session does not write on every request.
-    async fn touch_session(
-        &self,
-        id: SessionId,
-        now: Timestamp,
-        stale_before: Timestamp,
-    ) -> Result<(), StoreError>;
+    async fn touch_session(&self, id: SessionId, now: Timestamp, stale_before: Timestamp) -> Result<(), StoreError>;
 
     /// Live sessions of a user, newest first.
-    async fn list_sessions(&self, user: UserId, now: Timestamp)
-    -> Result<Vec<Session>, StoreError>;
+    async fn list_sessions(&self, user: UserId, now: Timestamp) -> Result<Vec<Session>, StoreError>;
 
     /// Revokes the user's live sessions in `scope`; returns how many. `NotFound` when
     /// `SessionScope::One` names no live session of this user.
-    async fn revoke_sessions(
-        &self,
-        user: UserId,
-        scope: SessionScope,
-        audit: AuditEvent,
-    ) -> Result<u64, StoreError>;
+    async fn revoke_sessions(&self, user: UserId, scope: SessionScope, audit: AuditEvent) -> Result<u64, StoreError>;
 
     // ---- second factor -----------------------------------------------------------
 
     /// Stores a new TOTP secret for a user whose 2FA is not enabled yet.
     /// `Conflict("totp_enabled")` when it is.
-    async fn set_totp_secret(
-        &self,
-        user: UserId,
-        secret: String,
-        now: Timestamp,
-    ) -> Result<(), StoreError>;
+    async fn set_totp_secret(&self, user: UserId, secret: String, now: Timestamp) -> Result<(), StoreError>;
 
     /// Turns 2FA on with the step of the code that proved the secret and replaces the
     /// recovery codes. `Conflict("totp_enabled")` when already on, `NotFound` without
@@ -182,12 +156,7 @@ pub trait Store: Send + Sync + 'static {
     async fn use_totp_step(&self, user: UserId, step: i64) -> Result<bool, StoreError>;
 
     /// Uses a recovery code once: true if it existed unused.
-    async fn use_recovery_code(
-        &self,
-        user: UserId,
-        code: &TokenDigest,
-        now: Timestamp,
-    ) -> Result<bool, StoreError>;
+    async fn use_recovery_code(&self, user: UserId, code: &TokenDigest, now: Timestamp) -> Result<bool, StoreError>;
 
     /// Replaces all recovery codes.
     async fn replace_recovery_codes(
@@ -223,12 +192,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records the outcome of a delivery attempt: sent (or logged), retry at a time,
     /// or failed for good.
-    async fn finish_email(
-        &self,
-        id: EmailId,
-        outcome: EmailOutcome,
-        now: Timestamp,
-    ) -> Result<(), StoreError>;
+    async fn finish_email(&self, id: EmailId, outcome: EmailOutcome, now: Timestamp) -> Result<(), StoreError>;
 
     /// Emails not yet delivered (for health and tests).
     async fn pending_email_count(&self) -> Result<u64, StoreError>;

@@ -102,11 +102,8 @@ pub struct AccessTokens {
 }
 
 fn generate_key(now: OffsetDateTime) -> anyhow::Result<StoredKey> {
-    let pair =
-        Ed25519KeyPair::generate().map_err(|_| anyhow::anyhow!("Ed25519 key generation failed"))?;
-    let der = pair
-        .to_pkcs8v1()
-        .map_err(|_| anyhow::anyhow!("PKCS#8 encoding failed"))?;
+    let pair = Ed25519KeyPair::generate().map_err(|_| anyhow::anyhow!("Ed25519 key generation failed"))?;
+    let der = pair.to_pkcs8v1().map_err(|_| anyhow::anyhow!("PKCS#8 encoding failed"))?;
     let x = URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
     Ok(StoredKey {
         kid: thumbprint(&x),
@@ -123,11 +120,8 @@ fn thumbprint(x: &str) -> String {
 }
 
 fn load_key(stored: &StoredKey) -> anyhow::Result<LoadedKey> {
-    let der = STANDARD
-        .decode(&stored.private_pkcs8)
-        .context("signing key is not base64")?;
-    let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
-        .map_err(|e| anyhow::anyhow!("bad signing key: {e}"))?;
+    let der = STANDARD.decode(&stored.private_pkcs8).context("signing key is not base64")?;
+    let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| anyhow::anyhow!("bad signing key: {e}"))?;
     let x = URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
     Ok(LoadedKey {
         kid: stored.kid.clone(),
@@ -151,9 +145,7 @@ fn write_private(path: &Path, file: &KeyFile) -> anyhow::Result<()> {
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     options.mode(0o600);
-    let mut f = options
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    let mut f = options.open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(serde_json::to_string_pretty(file)?.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -161,8 +153,7 @@ fn write_private(path: &Path, file: &KeyFile) -> anyhow::Result<()> {
 }
 
 fn read_file(path: &Path) -> anyhow::Result<KeyFile> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -174,12 +165,7 @@ impl AccessTokens {
     /// Loads the key file, creating it with a fresh key when missing.
     pub fn load_or_create(path: &Path, issuer: &str, ttl: Duration) -> anyhow::Result<Self> {
         if !path.exists() {
-            write_private(
-                path,
-                &KeyFile {
-                    keys: vec![generate_key(OffsetDateTime::now_utc())?],
-                },
-            )?;
+            write_private(path, &KeyFile { keys: vec![generate_key(OffsetDateTime::now_utc())?] })?;
             tracing::info!(path = %path.display(), "generated a new signing key");
         }
         let tokens = Self {
@@ -193,18 +179,11 @@ impl AccessTokens {
 
     fn read_set(path: &Path) -> anyhow::Result<KeySet> {
         let file = read_file(path)?;
-        let keys = file
-            .keys
-            .iter()
-            .map(load_key)
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let keys = file.keys.iter().map(load_key).collect::<anyhow::Result<Vec<_>>>()?;
         if !keys.iter().any(|k| k.retired_at.is_none()) {
             anyhow::bail!("{} has no active signing key", path.display());
         }
-        Ok(KeySet {
-            keys,
-            modified: modified(path),
-        })
+        Ok(KeySet { keys, modified: modified(path) })
     }
 
     /// Re-reads the key file if it changed since it was loaded.
@@ -222,15 +201,8 @@ impl AccessTokens {
     /// until its tokens expire). Keys retired for over a day are dropped.
     pub fn rotate(path: &Path) -> anyhow::Result<String> {
         let now = OffsetDateTime::now_utc();
-        let mut file = if path.exists() {
-            read_file(path)?
-        } else {
-            KeyFile { keys: vec![] }
-        };
-        file.keys.retain(|k| {
-            k.retired_at
-                .is_none_or(|r| now - r < time::Duration::days(1))
-        });
+        let mut file = if path.exists() { read_file(path)? } else { KeyFile { keys: vec![] } };
+        file.keys.retain(|k| k.retired_at.is_none_or(|r| now - r < time::Duration::days(1)));
         for key in file.keys.iter_mut().filter(|k| k.retired_at.is_none()) {
             key.retired_at = Some(now);
         }
@@ -250,11 +222,7 @@ impl AccessTokens {
     }
 
     /// Mints an access token for a session.
-    pub fn issue(
-        &self,
-        user: &User,
-        session: &Session,
-    ) -> Result<String, jsonwebtoken::errors::Error> {
+    pub fn issue(&self, user: &User, session: &Session) -> Result<String, jsonwebtoken::errors::Error> {
         self.issue_at(user, session, OffsetDateTime::now_utc())
     }
 
@@ -265,12 +233,7 @@ impl AccessTokens {
         now: OffsetDateTime,
     ) -> Result<String, jsonwebtoken::errors::Error> {
         let set = self.current();
-        let key = set
-            .keys
-            .iter()
-            .rev()
-            .find(|k| k.retired_at.is_none())
-            .expect("a key set always has an active key");
+        let key = set.keys.iter().rev().find(|k| k.retired_at.is_none()).expect("a key set always has an active key");
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: user.id.to_string(),
@@ -296,21 +259,17 @@ impl AccessTokens {
         }
         let kid = header.kid.ok_or(TokenError::UnknownKey)?;
         let set = self.current();
-        let key = set
-            .keys
-            .iter()
-            .find(|k| k.kid == kid)
-            .ok_or(TokenError::UnknownKey)?;
+        let key = set.keys.iter().find(|k| k.kid == kid).ok_or(TokenError::UnknownKey)?;
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[&self.issuer]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
         validation.leeway = 5;
-        jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
-            .map(|d| d.claims)
-            .map_err(|e| match e.kind() {
+        jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map(|d| d.claims).map_err(|e| {
+            match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
                 _ => TokenError::Invalid,
-            })
+            }
+        })
     }
 
     /// The public keys to publish: the active one and those retired less than one
@@ -370,16 +329,11 @@ mod tests {
     fn issue_verify_and_forgeries() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.json");
-        let tokens =
-            AccessTokens::load_or_create(&path, "https://issuer.test", Duration::from_secs(900))
-                .unwrap();
+        let tokens = AccessTokens::load_or_create(&path, "https://issuer.test", Duration::from_secs(900)).unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(
-                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-                0o600
-            );
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         }
         let (user, session) = user_and_session();
         let jwt = tokens.issue(&user, &session).unwrap();
@@ -389,22 +343,11 @@ mod tests {
         assert_eq!(claims.acc, user.account_id.to_string());
 
         // Expired.
-        let old = tokens
-            .issue_at(
-                &user,
-                &session,
-                OffsetDateTime::now_utc() - time::Duration::hours(1),
-            )
-            .unwrap();
+        let old = tokens.issue_at(&user, &session, OffsetDateTime::now_utc() - time::Duration::hours(1)).unwrap();
         assert_eq!(tokens.verify(&old), Err(TokenError::Expired));
         // Another issuer with the same key.
-        let other =
-            AccessTokens::load_or_create(&path, "https://evil.test", Duration::from_secs(900))
-                .unwrap();
-        assert_eq!(
-            tokens.verify(&other.issue(&user, &session).unwrap()),
-            Err(TokenError::Invalid)
-        );
+        let other = AccessTokens::load_or_create(&path, "https://evil.test", Duration::from_secs(900)).unwrap();
+        assert_eq!(tokens.verify(&other.issue(&user, &session).unwrap()), Err(TokenError::Invalid));
         // A tampered payload.
         let mut parts: Vec<String> = jwt.split('.').map(str::to_owned).collect();
         parts[1] = URL_SAFE_NO_PAD.encode(br#"{"sub":"someone-else"}"#);
@@ -417,8 +360,7 @@ mod tests {
         let x = tokens.jwks()["keys"][0]["x"].as_str().unwrap().to_owned();
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(tokens.jwks()["keys"][0]["kid"].as_str().unwrap().to_owned());
-        let hs = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(x.as_bytes()))
-            .unwrap();
+        let hs = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(x.as_bytes())).unwrap();
         assert_eq!(tokens.verify(&hs), Err(TokenError::Invalid));
         assert_eq!(tokens.verify("not.a.jwt"), Err(TokenError::Malformed));
     }
@@ -435,21 +377,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         let new_kid = AccessTokens::rotate(&path).unwrap();
         assert!(tokens.reload_if_changed().unwrap());
-        let kids: Vec<String> = tokens.jwks()["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|k| k["kid"].as_str().unwrap().to_owned())
-            .collect();
+        let kids: Vec<String> =
+            tokens.jwks()["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect();
         assert_eq!(kids, vec![old_kid.clone(), new_kid.clone()]);
-        assert!(
-            tokens.verify(&before).is_ok(),
-            "tokens of the retired key stay valid"
-        );
+        assert!(tokens.verify(&before).is_ok(), "tokens of the retired key stay valid");
         let after = tokens.issue(&user, &session).unwrap();
-        assert_eq!(
-            jsonwebtoken::decode_header(&after).unwrap().kid.unwrap(),
-            new_kid
-        );
+        assert_eq!(jsonwebtoken::decode_header(&after).unwrap().kid.unwrap(), new_kid);
     }
 }

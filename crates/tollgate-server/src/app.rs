@@ -65,10 +65,7 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(auth::reset_password))
         .routes(routes!(auth::magic_link))
         .routes(routes!(auth::magic_link_verify))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            limit_auth_by_ip,
-        ));
+        .route_layer(middleware::from_fn_with_state(state.clone(), limit_auth_by_ip));
     let me = OpenApiRouter::new()
         .routes(routes!(me::get_me, me::update_me))
         .routes(routes!(me::change_password))
@@ -84,10 +81,7 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::jwks));
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(auth)
-        .merge(me)
-        .merge(operations)
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(auth).merge(me).merge(operations)
 }
 
 /// The OpenAPI 3.1 document served at `/openapi.json`.
@@ -106,13 +100,11 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(crate::metrics::track))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal("handler panicked".into()).into_response()))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|request: &Request| {
-                let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-                // The path only: query strings can carry tokens.
-                tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
-            }),
-        )
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            // The path only: query strings can carry tokens.
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+        }))
         .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
@@ -125,9 +117,7 @@ async fn limit_auth_by_ip(State(state): State<AppState>, request: Request, next:
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string());
-    let decision = state
-        .limiter
-        .hit(&format!("auth-ip:{ip}"), state.config.auth.ip_limit, 1);
+    let decision = state.limiter.hit(&format!("auth-ip:{ip}"), state.config.auth.ip_limit, 1);
     if !decision.allowed {
         return ApiError::RateLimited {
             retry_after: decision.retry_after.unwrap_or(Duration::from_secs(1)),
@@ -137,12 +127,6 @@ async fn limit_auth_by_ip(State(state): State<AppState>, request: Request, next:
         .into_response();
     }
     let mut response = next.run(request).await;
-    rate_limit_headers(
-        response.headers_mut(),
-        decision.limit,
-        decision.remaining,
-        decision.reset_after,
-        None,
-    );
+    rate_limit_headers(response.headers_mut(), decision.limit, decision.remaining, decision.reset_after, None);
     response
 }

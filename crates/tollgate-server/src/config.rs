@@ -93,19 +93,15 @@ impl Config {
     /// Loads from `file` (if given, it must exist; otherwise `./tollgate.toml` is read
     /// when present) and the environment as seen through `env`.
     pub fn load(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
-        let file_path = file
-            .map(Path::to_path_buf)
-            .or_else(|| env("TOLLGATE_CONFIG").map(PathBuf::from));
+        let file_path = file.map(Path::to_path_buf).or_else(|| env("TOLLGATE_CONFIG").map(PathBuf::from));
         let parsed: FileConfig = match &file_path {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str(&text)
-                    .with_context(|| format!("parsing config file {}", path.display()))?
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?
             }
             None if Path::new("tollgate.toml").exists() => {
-                let text =
-                    std::fs::read_to_string("tollgate.toml").context("reading tollgate.toml")?;
+                let text = std::fs::read_to_string("tollgate.toml").context("reading tollgate.toml")?;
                 toml::from_str(&text).context("parsing tollgate.toml")?
             }
             None => FileConfig::default(),
@@ -114,12 +110,9 @@ impl Config {
     }
 
     fn resolve(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
-        let listen = env("TOLLGATE_LISTEN")
-            .or(file.listen)
-            .unwrap_or_else(|| "127.0.0.1:8080".into());
-        let listen: SocketAddr = listen
-            .parse()
-            .with_context(|| format!("TOLLGATE_LISTEN / listen: not an address: {listen:?}"))?;
+        let listen = env("TOLLGATE_LISTEN").or(file.listen).unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen: SocketAddr =
+            listen.parse().with_context(|| format!("TOLLGATE_LISTEN / listen: not an address: {listen:?}"))?;
         let data_dir = env("TOLLGATE_DATA_DIR")
             .map(PathBuf::from)
             .or(file.data_dir)
@@ -133,9 +126,7 @@ impl Config {
         {
             bail!("TOLLGATE_DATABASE_URL must start with sqlite:// or postgres://");
         }
-        let public_url = env("TOLLGATE_PUBLIC_URL")
-            .or(file.public_url)
-            .unwrap_or_else(|| format!("http://{listen}"));
+        let public_url = env("TOLLGATE_PUBLIC_URL").or(file.public_url).unwrap_or_else(|| format!("http://{listen}"));
         let public_url = public_url.trim_end_matches('/').to_owned();
         let log_format = match env("TOLLGATE_LOG_FORMAT").as_deref() {
             Some("json") => LogFormat::Json,
@@ -148,48 +139,36 @@ impl Config {
             .or(file.signing_key_file)
             .unwrap_or_else(|| data_dir.join("signing-keys.json"));
 
-        let seconds =
-            |var: &str, file_value: Option<u64>, default: u64| -> anyhow::Result<Duration> {
-                let secs = match env(var) {
-                    Some(v) => v
-                        .parse()
-                        .with_context(|| format!("{var} must be a number of seconds"))?,
-                    None => file_value.unwrap_or(default),
-                };
-                if secs == 0 {
-                    bail!("{var} must be positive");
-                }
-                Ok(Duration::from_secs(secs))
+        let seconds = |var: &str, file_value: Option<u64>, default: u64| -> anyhow::Result<Duration> {
+            let secs = match env(var) {
+                Some(v) => v.parse().with_context(|| format!("{var} must be a number of seconds"))?,
+                None => file_value.unwrap_or(default),
             };
-        let limit = |var: &str,
-                     file_value: Option<RateLimit>,
-                     default: RateLimit|
-         -> anyhow::Result<RateLimit> {
+            if secs == 0 {
+                bail!("{var} must be positive");
+            }
+            Ok(Duration::from_secs(secs))
+        };
+        let limit = |var: &str, file_value: Option<RateLimit>, default: RateLimit| -> anyhow::Result<RateLimit> {
             match env(var) {
-                Some(v) => parse_limit(&v)
-                    .with_context(|| format!("{var} must look like 100/60 (requests/seconds)")),
+                Some(v) => parse_limit(&v).with_context(|| format!("{var} must look like 100/60 (requests/seconds)")),
                 None => Ok(file_value.unwrap_or(default)),
             }
         };
-        let bool_var =
-            |var: &str, file_value: Option<bool>, default: bool| -> anyhow::Result<bool> {
-                match env(var).as_deref() {
-                    Some("1" | "true") => Ok(true),
-                    Some("0" | "false") => Ok(false),
-                    Some(other) => bail!("{var} must be true or false, not {other:?}"),
-                    None => Ok(file_value.unwrap_or(default)),
-                }
-            };
+        let bool_var = |var: &str, file_value: Option<bool>, default: bool| -> anyhow::Result<bool> {
+            match env(var).as_deref() {
+                Some("1" | "true") => Ok(true),
+                Some("0" | "false") => Ok(false),
+                Some(other) => bail!("{var} must be true or false, not {other:?}"),
+                None => Ok(file_value.unwrap_or(default)),
+            }
+        };
         let mut password_hash = file.auth.password_hash.unwrap_or_default();
         if let Some(kib) = env("TOLLGATE_PASSWORD_HASH_MEMORY_KIB") {
-            password_hash.memory_kib = kib
-                .parse()
-                .context("TOLLGATE_PASSWORD_HASH_MEMORY_KIB must be a number")?;
+            password_hash.memory_kib = kib.parse().context("TOLLGATE_PASSWORD_HASH_MEMORY_KIB must be a number")?;
         }
         if let Some(t) = env("TOLLGATE_PASSWORD_HASH_ITERATIONS") {
-            password_hash.iterations = t
-                .parse()
-                .context("TOLLGATE_PASSWORD_HASH_ITERATIONS must be a number")?;
+            password_hash.iterations = t.parse().context("TOLLGATE_PASSWORD_HASH_ITERATIONS must be a number")?;
         }
         let auth = AuthConfig {
             access_token_ttl: seconds(
@@ -197,11 +176,7 @@ impl Config {
                 file.auth.access_token_ttl_seconds,
                 15 * 60,
             )?,
-            session_ttl: seconds(
-                "TOLLGATE_SESSION_TTL_SECONDS",
-                file.auth.session_ttl_seconds,
-                30 * 24 * 3600,
-            )?,
+            session_ttl: seconds("TOLLGATE_SESSION_TTL_SECONDS", file.auth.session_ttl_seconds, 30 * 24 * 3600)?,
             require_verified_email: bool_var(
                 "TOLLGATE_REQUIRE_VERIFIED_EMAIL",
                 file.auth.require_verified_email,
@@ -228,27 +203,16 @@ impl Config {
             }),
             (None, Some(s)) => Some(SmtpConfig {
                 url: s.url,
-                from: env("TOLLGATE_SMTP_FROM")
-                    .or(s.from)
-                    .unwrap_or_else(|| DEFAULT_FROM.into()),
+                from: env("TOLLGATE_SMTP_FROM").or(s.from).unwrap_or_else(|| DEFAULT_FROM.into()),
             }),
             (None, None) => None,
         };
-        if let Some(smtp) = &smtp {
-            if !(smtp.url.starts_with("smtp://") || smtp.url.starts_with("smtps://")) {
-                bail!("TOLLGATE_SMTP_URL must start with smtp:// or smtps://");
-            }
+        if let Some(smtp) = &smtp
+            && !(smtp.url.starts_with("smtp://") || smtp.url.starts_with("smtps://"))
+        {
+            bail!("TOLLGATE_SMTP_URL must start with smtp:// or smtps://");
         }
-        Ok(Self {
-            listen,
-            data_dir,
-            database_url,
-            public_url,
-            log_format,
-            auth,
-            smtp,
-            signing_key_file,
-        })
+        Ok(Self { listen, data_dir, database_url, public_url, log_format, auth, smtp, signing_key_file })
     }
 }
 
@@ -270,10 +234,7 @@ mod tests {
     use super::*;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 
@@ -283,10 +244,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.database_url, "sqlite://tollgate-data/tollgate.db");
         assert_eq!(c.public_url, "http://127.0.0.1:8080");
-        assert_eq!(
-            c.signing_key_file,
-            PathBuf::from("tollgate-data/signing-keys.json")
-        );
+        assert_eq!(c.signing_key_file, PathBuf::from("tollgate-data/signing-keys.json"));
         assert!(c.smtp.is_none());
         assert_eq!(c.auth.access_token_ttl, Duration::from_secs(900));
         assert_eq!(c.auth.password_hash, HashCost::default());
@@ -320,10 +278,7 @@ mod tests {
         assert_eq!(c.database_url, "postgres://postgres@127.0.0.1/x");
         assert_eq!(c.auth.access_token_ttl, Duration::from_secs(60));
         assert_eq!(c.auth.ip_limit, RateLimit::per(5, Duration::from_secs(10)));
-        assert_eq!(
-            c.auth.failed_login_limit,
-            RateLimit::per(3, Duration::from_secs(60))
-        );
+        assert_eq!(c.auth.failed_login_limit, RateLimit::per(3, Duration::from_secs(60)));
         assert_eq!(c.smtp.unwrap().url, "smtp://127.0.0.1:25");
     }
 
@@ -337,10 +292,7 @@ mod tests {
             ("TOLLGATE_SMTP_URL", "http://x"),
             ("TOLLGATE_REQUIRE_VERIFIED_EMAIL", "maybe"),
         ] {
-            assert!(
-                Config::resolve(FileConfig::default(), &env_of(&[(k, v)])).is_err(),
-                "{k}={v}"
-            );
+            assert!(Config::resolve(FileConfig::default(), &env_of(&[(k, v)])).is_err(), "{k}={v}");
         }
     }
 }

@@ -57,11 +57,7 @@ pub enum ApiError {
     #[error("start two-factor setup first")]
     MfaNotSetUp,
     #[error("too many requests")]
-    RateLimited {
-        retry_after: Duration,
-        limit: u32,
-        reset_after: Duration,
-    },
+    RateLimited { retry_after: Duration, limit: u32, reset_after: Duration },
     #[error("service unavailable")]
     Unavailable(String),
     #[error("internal error")]
@@ -119,12 +115,7 @@ impl ApiError {
             ApiError::Validation(errors) => {
                 let fields: BTreeMap<&str, serde_json::Value> = errors
                     .iter()
-                    .map(|e| {
-                        (
-                            e.field,
-                            serde_json::json!({ "code": e.code, "message": e.message }),
-                        )
-                    })
+                    .map(|e| (e.field, serde_json::json!({ "code": e.code, "message": e.message })))
                     .collect();
                 Some(serde_json::json!({ "fields": fields }))
             }
@@ -153,10 +144,7 @@ pub fn rate_limit_headers(
     headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
     headers.insert("ratelimit-reset", HeaderValue::from(ceil_secs(reset_after)));
     if let Some(retry) = retry_after {
-        headers.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(ceil_secs(retry).max(1)),
-        );
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(ceil_secs(retry).max(1)));
     }
 }
 
@@ -174,27 +162,10 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let body = Body {
-            error: ErrorBody {
-                code,
-                message,
-                details: self.details(),
-            },
-        };
+        let body = Body { error: ErrorBody { code, message, details: self.details() } };
         let mut response = (status, axum::Json(body)).into_response();
-        if let ApiError::RateLimited {
-            retry_after,
-            limit,
-            reset_after,
-        } = self
-        {
-            rate_limit_headers(
-                response.headers_mut(),
-                limit,
-                0,
-                reset_after,
-                Some(retry_after),
-            );
+        if let ApiError::RateLimited { retry_after, limit, reset_after } = self {
+            rate_limit_headers(response.headers_mut(), limit, 0, reset_after, Some(retry_after));
         }
         response
     }

@@ -60,31 +60,25 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = err.path().to_string();
         let inner = err.into_inner();
         match inner.classify() {
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::MalformedJson(inner.to_string())
-            }
+            Category::Syntax | Category::Eof | Category::Io => ApiError::MalformedJson(inner.to_string()),
             Category::Data => {
-                let field = if path == "." || path.is_empty() {
-                    "body".to_owned()
-                } else {
-                    path
-                };
                 // serde's message without the " at line 1 column 42" suffix.
                 let message = inner.to_string();
-                let message = message
-                    .split(" at line ")
-                    .next()
-                    .unwrap_or(&message)
-                    .to_owned();
-                ApiError::InvalidBody {
-                    fields: [(field, message)].into_iter().collect(),
-                }
+                let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+                let parent = if path == "." { String::new() } else { path };
+                // A missing field is reported at its parent's path; name the field itself.
+                let field = match message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+                    Some(missing) if parent.is_empty() => missing.to_owned(),
+                    Some(missing) => format!("{parent}.{missing}"),
+                    None if parent.is_empty() => "body".to_owned(),
+                    None => parent,
+                };
+                ApiError::InvalidBody { fields: [(field, message)].into_iter().collect() }
             }
         }
     })?;
     // Trailing garbage after the value is malformed JSON too.
-    de.end()
-        .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    de.end().map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     Ok(value)
 }
 
@@ -97,10 +91,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Origin {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let ip = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip().to_string());
+        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
         let user_agent = parts
             .headers
             .get(header::USER_AGENT)
@@ -122,9 +113,7 @@ pub struct CurrentUser {
 fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
 }
 
 /// How long `last_seen_at` may lag behind: one write per session per minute at most.
@@ -145,28 +134,14 @@ where
             ApiError::Unauthenticated
         })?;
         let session_id = claims.session_id().ok_or(ApiError::Unauthenticated)?;
-        let (session, user) = state
-            .store
-            .session_with_user(session_id)
-            .await?
-            .ok_or(ApiError::Unauthenticated)?;
+        let (session, user) = state.store.session_with_user(session_id).await?.ok_or(ApiError::Unauthenticated)?;
         let now = OffsetDateTime::now_utc();
-        if !session.is_live(now)
-            || user.status != UserStatus::Active
-            || claims.user_id() != Some(user.id)
-        {
+        if !session.is_live(now) || user.status != UserStatus::Active || claims.user_id() != Some(user.id) {
             return Err(ApiError::Unauthenticated);
         }
         if session.last_seen_at < now - TOUCH_EVERY {
-            state
-                .store
-                .touch_session(session.id, now, now - TOUCH_EVERY)
-                .await?;
+            state.store.touch_session(session.id, now, now - TOUCH_EVERY).await?;
         }
-        Ok(CurrentUser {
-            user,
-            session,
-            claims,
-        })
+        Ok(CurrentUser { user, session, claims })
     }
 }

@@ -35,9 +35,7 @@ impl Transport {
             .map_err(|e| anyhow::anyhow!("TOLLGATE_SMTP_URL: {e}"))?
             .timeout(Some(Duration::from_secs(20)))
             .build();
-        let from = from
-            .parse()
-            .map_err(|e| anyhow::anyhow!("TOLLGATE_SMTP_FROM: {e}"))?;
+        let from = from.parse().map_err(|e| anyhow::anyhow!("TOLLGATE_SMTP_FROM: {e}"))?;
         Ok(Self::Smtp { transport, from })
     }
 }
@@ -71,11 +69,7 @@ impl Mailer {
         let count = batch.len();
         for email in batch {
             let outcome = self.deliver(&email).await;
-            if let Err(e) = self
-                .store
-                .finish_email(email.id, outcome, OffsetDateTime::now_utc())
-                .await
-            {
+            if let Err(e) = self.store.finish_email(email.id, outcome, OffsetDateTime::now_utc()).await {
                 tracing::warn!(email_id = %email.id, error = %e, "could not record email delivery");
             }
         }
@@ -107,19 +101,14 @@ impl Mailer {
                     }
                     Err(e) if e.is_permanent() || email.attempts + 1 >= MAX_ATTEMPTS => {
                         tracing::warn!(email_id = %email.id, error = %e, "email delivery failed for good");
-                        EmailOutcome::Failed {
-                            error: e.to_string(),
-                        }
+                        EmailOutcome::Failed { error: e.to_string() }
                     }
                     Err(e) => {
                         let wait = backoff(email.attempts);
                         tracing::info!(email_id = %email.id, error = %e, retry_in_s = wait.as_secs(), "email delivery failed; will retry");
-                        let at = OffsetDateTime::now_utc()
-                            + time::Duration::try_from(wait).unwrap_or(time::Duration::HOUR);
-                        EmailOutcome::Retry {
-                            at,
-                            error: e.to_string(),
-                        }
+                        let at =
+                            OffsetDateTime::now_utc() + time::Duration::try_from(wait).unwrap_or(time::Duration::HOUR);
+                        EmailOutcome::Retry { at, error: e.to_string() }
                     }
                 }
             }
@@ -139,20 +128,13 @@ impl Mailer {
 }
 
 fn build_message(from: &Mailbox, email: &OutboxEmail) -> Result<Message, String> {
-    let to: Mailbox = email
-        .to
-        .as_str()
-        .parse()
-        .map_err(|e| format!("bad recipient: {e}"))?;
+    let to: Mailbox = email.to.as_str().parse().map_err(|e| format!("bad recipient: {e}"))?;
     Message::builder()
         .from(from.clone())
         .to(to)
         .subject(email.subject.clone())
         .message_id(Some(format!("<{}@tollgate>", email.id)))
-        .multipart(MultiPart::alternative_plain_html(
-            email.text_body.clone(),
-            email.html_body.clone(),
-        ))
+        .multipart(MultiPart::alternative_plain_html(email.text_body.clone(), email.html_body.clone()))
         .map_err(|e| e.to_string())
 }
 

@@ -11,11 +11,7 @@ use tollgate_server::server;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(
-    name = "tollgate",
-    version,
-    about = "Accounts, plans, quotas, credits and billing for any SaaS product"
-)]
+#[command(name = "tollgate", version, about = "Accounts, plans, quotas, credits and billing for any SaaS product")]
 struct Cli {
     /// TOML configuration file (default: ./tollgate.toml when present).
     #[arg(long, global = true, env = "TOLLGATE_CONFIG")]
@@ -59,11 +55,8 @@ enum SigningKeysCommand {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("TOLLGATE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -74,8 +67,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -114,24 +107,17 @@ async fn main() -> anyhow::Result<()> {
                 println!("applied migrations: {applied:?}");
             }
         }
-        Command::Admin {
-            command: AdminCommand::Create { email },
-        } => {
+        Command::Admin { command: AdminCommand::Create { email } } => {
             let store = server::open_store(&config.database_url).await?;
-            let identity = Identity::new(store, server::identity_settings(&config))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (user, link) = identity
-                .create_admin(&email)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))
-                .context("creating admin")?;
+            let identity =
+                Identity::new(store, server::identity_settings(&config)).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (user, link) =
+                identity.create_admin(&email).await.map_err(|e| anyhow::anyhow!("{e}")).context("creating admin")?;
             println!("admin: {} ({})", user.email, user.id);
             println!("set the password within the hour (the link works once):");
             println!("{link}");
         }
-        Command::SigningKeys {
-            command: SigningKeysCommand::Rotate,
-        } => {
+        Command::SigningKeys { command: SigningKeysCommand::Rotate } => {
             let kid = AccessTokens::rotate(&config.signing_key_file)?;
             println!("new signing key {kid}; running servers pick it up within seconds");
         }

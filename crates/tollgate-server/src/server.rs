@@ -24,26 +24,19 @@ use crate::state::AppState;
 /// The one place the backend is chosen, by the URL scheme.
 pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
-        if let Some(dir) = sqlite_path(url).and_then(|p| p.parent().map(Path::to_path_buf)) {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
+        if let Some(dir) = sqlite_path(url).and_then(|p| p.parent().map(Path::to_path_buf))
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        Ok(Arc::new(
-            SqliteStore::open(url).await.context("opening SQLite")?,
-        ))
+        Ok(Arc::new(SqliteStore::open(url).await.context("opening SQLite")?))
     } else {
-        Ok(Arc::new(
-            PgStore::open(url).await.context("opening PostgreSQL")?,
-        ))
+        Ok(Arc::new(PgStore::open(url).await.context("opening PostgreSQL")?))
     }
 }
 
 fn sqlite_path(url: &str) -> Option<&Path> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next()?;
     (!path.is_empty() && path != ":memory:").then(|| Path::new(path))
 }
@@ -72,13 +65,9 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let store = open_store(&config.database_url).await?;
-    let identity = Identity::new(store.clone(), identity_settings(&config))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let tokens = AccessTokens::load_or_create(
-        &config.signing_key_file,
-        &config.public_url,
-        config.auth.access_token_ttl,
-    )?;
+    let identity = Identity::new(store.clone(), identity_settings(&config)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tokens =
+        AccessTokens::load_or_create(&config.signing_key_file, &config.public_url, config.auth.access_token_ttl)?;
     Ok(AppState {
         store,
         identity,
@@ -121,40 +110,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let listen = config.listen;
     let state = build_state(config).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     let (shutdown, mut stop) = watch::channel(false);
 
     let mailer = Mailer::new(state.store.clone(), transport);
     let mailer_task = tokio::spawn(mailer.run(Duration::from_millis(500), shutdown.subscribe()));
-    let key_watch = tokio::spawn(watch_signing_keys(
-        state.tokens.clone(),
-        shutdown.subscribe(),
-    ));
+    let key_watch = tokio::spawn(watch_signing_keys(state.tokens.clone(), shutdown.subscribe()));
 
     let app = crate::app::router(state.clone());
     let handle = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|stop| *stop).await;
-        })
-        .await
-        .context("serving HTTP")?;
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .await
+            .context("serving HTTP")?;
         let _ = mailer_task.await;
         let _ = key_watch.await;
         Ok(())
     });
-    Ok(Running {
-        addr,
-        state,
-        shutdown,
-        handle,
-    })
+    Ok(Running { addr, state, shutdown, handle })
 }
 
 /// Picks up `tollgate signing-keys rotate` without a restart.

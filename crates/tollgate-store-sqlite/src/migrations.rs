@@ -13,31 +13,18 @@ use sqlx::sqlite::SqlitePool;
 use tollgate_core::StoreError;
 
 /// (version, name, SQL)
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "identity",
-    include_str!("../migrations/0001_identity.sql"),
-)];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "identity", include_str!("../migrations/0001_identity.sql"))];
 
 #[derive(Debug)]
 struct Embedded;
 
 impl<'s> MigrationSource<'s> for Embedded {
-    fn resolve(
-        self,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, sqlx::error::BoxDynError>> + Send + 's>>
-    {
+    fn resolve(self) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, sqlx::error::BoxDynError>> + Send + 's>> {
         Box::pin(async {
             Ok(MIGRATIONS
                 .iter()
                 .map(|(version, name, sql)| {
-                    Migration::new(
-                        *version,
-                        Cow::Borrowed(*name),
-                        MigrationType::Simple,
-                        sql.into_sql_str(),
-                        false,
-                    )
+                    Migration::new(*version, Cow::Borrowed(*name), MigrationType::Simple, sql.into_sql_str(), false)
                 })
                 .collect())
         })
@@ -45,26 +32,25 @@ impl<'s> MigrationSource<'s> for Embedded {
 }
 
 pub(crate) async fn run(pool: &SqlitePool) -> Result<Vec<i64>, StoreError> {
-    let migrator = Migrator::new(Embedded)
-        .await
-        .map_err(|e| StoreError::Internal(e.to_string()))?;
-    let before: i64 = applied_count(pool).await;
-    migrator
-        .run(pool)
-        .await
-        .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
-    let versions: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
-            .fetch_all(pool)
-            .await
-            .map_err(crate::db_error)?;
-    Ok(versions.into_iter().skip(before as usize).collect())
+    let migrator = Migrator::new(Embedded).await.map_err(|e| StoreError::Internal(e.to_string()))?;
+    let before = applied(pool).await?;
+    migrator.run(pool).await.map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
+    Ok(applied(pool).await?.into_iter().filter(|v| !before.contains(v)).collect())
 }
 
-async fn applied_count(pool: &SqlitePool) -> i64 {
-    // The table does not exist before the first run.
-    sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
-        .fetch_one(pool)
+/// Versions applied so far (none before the first run creates the table).
+async fn applied(pool: &SqlitePool) -> Result<Vec<i64>, StoreError> {
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(crate::db_error)?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+        .fetch_all(pool)
         .await
-        .unwrap_or(0)
+        .map_err(crate::db_error)
 }

@@ -21,10 +21,7 @@ pub(crate) fn from_micros(us: i64) -> Result<Timestamp, StoreError> {
 }
 
 fn opt_ts(row: &SqliteRow, col: &str) -> Result<Option<Timestamp>, StoreError> {
-    row.try_get::<Option<i64>, _>(col)
-        .map_err(crate::db_error)?
-        .map(from_micros)
-        .transpose()
+    row.try_get::<Option<i64>, _>(col).map_err(crate::db_error)?.map(from_micros).transpose()
 }
 
 fn ts(row: &SqliteRow, col: &str) -> Result<Timestamp, StoreError> {
@@ -128,13 +125,11 @@ pub(crate) fn audit_event(row: &SqliteRow) -> Result<AuditEvent, StoreError> {
     let metadata: String = get(row, "metadata")?;
     Ok(AuditEvent {
         id: AuditEventId(get::<Uuid>(row, "id")?),
-        actor: Actor::from_parts(&actor_type, actor_id.as_deref())
-            .ok_or_else(|| corrupt("actor", &actor_type))?,
+        actor: Actor::from_parts(&actor_type, actor_id.as_deref()).ok_or_else(|| corrupt("actor", &actor_type))?,
         action: get(row, "action")?,
         target_type: get(row, "target_type")?,
         target_id: get(row, "target_id")?,
-        metadata: serde_json::from_str(&metadata)
-            .map_err(|e| StoreError::Internal(e.to_string()))?,
+        metadata: serde_json::from_str(&metadata).map_err(|e| StoreError::Internal(e.to_string()))?,
         ip: get(row, "ip")?,
         user_agent: get(row, "user_agent")?,
         severity: Severity::parse(&severity).ok_or_else(|| corrupt("severity", &severity))?,

@@ -7,8 +7,8 @@ use sqlx::{QueryBuilder, Row};
 use tollgate_core::audit::{AuditEvent, AuditQuery};
 use tollgate_core::email::{EmailStatus, NewEmail, OutboxEmail};
 use tollgate_core::identity::{
-    EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session,
-    SessionScope, TokenDigest, TokenEffect, TokenPurpose, User,
+    EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
+    TokenDigest, TokenEffect, TokenPurpose, User,
 };
 use tollgate_core::ids::{EmailId, SessionId, UserId};
 use tollgate_core::store::{EmailOutcome, NewOneTimeToken, Rotation};
@@ -75,10 +75,7 @@ async fn insert_email(conn: &mut SqliteConnection, e: &NewEmail) -> Result<(), S
     Ok(())
 }
 
-async fn insert_one_time_token(
-    conn: &mut SqliteConnection,
-    t: &NewOneTimeToken,
-) -> Result<(), StoreError> {
+async fn insert_one_time_token(conn: &mut SqliteConnection, t: &NewOneTimeToken) -> Result<(), StoreError> {
     insert_token(conn, &t.token).await?;
     if let Some(email) = &t.email {
         insert_email(conn, email).await?;
@@ -114,22 +111,15 @@ async fn insert_user(conn: &mut SqliteConnection, u: &NewUser) -> Result<(), Sto
 }
 
 async fn fetch_user(conn: &mut SqliteConnection, id: UserId) -> Result<Option<User>, StoreError> {
-    let row = sqlx::query(concat!(
-        "SELECT ",
-        rows::user_columns!(),
-        " FROM users WHERE id = ?1"
-    ))
-    .bind(id.0)
-    .fetch_optional(conn)
-    .await
-    .map_err(db_error)?;
+    let row = sqlx::query(concat!("SELECT ", rows::user_columns!(), " FROM users WHERE id = ?1"))
+        .bind(id.0)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)?;
     row.as_ref().map(rows::user).transpose()
 }
 
-async fn insert_session(
-    conn: &mut SqliteConnection,
-    s: &NewSession,
-) -> Result<Session, StoreError> {
+async fn insert_session(conn: &mut SqliteConnection, s: &NewSession) -> Result<Session, StoreError> {
     sqlx::query(
         "INSERT INTO sessions (id, user_id, ip, user_agent, created_at, last_seen_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
     )
@@ -158,27 +148,16 @@ async fn insert_session(
     fetch_session(conn, s.id).await?.ok_or(StoreError::NotFound)
 }
 
-async fn fetch_session(
-    conn: &mut SqliteConnection,
-    id: SessionId,
-) -> Result<Option<Session>, StoreError> {
-    let row = sqlx::query(concat!(
-        "SELECT ",
-        rows::session_columns!(),
-        " FROM sessions WHERE id = ?1"
-    ))
-    .bind(id.0)
-    .fetch_optional(conn)
-    .await
-    .map_err(db_error)?;
+async fn fetch_session(conn: &mut SqliteConnection, id: SessionId) -> Result<Option<Session>, StoreError> {
+    let row = sqlx::query(concat!("SELECT ", rows::session_columns!(), " FROM sessions WHERE id = ?1"))
+        .bind(id.0)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)?;
     row.as_ref().map(rows::session).transpose()
 }
 
-async fn mark_verified(
-    conn: &mut SqliteConnection,
-    user: UserId,
-    now: Timestamp,
-) -> Result<(), StoreError> {
+async fn mark_verified(conn: &mut SqliteConnection, user: UserId, now: Timestamp) -> Result<(), StoreError> {
     sqlx::query("UPDATE users SET email_verified_at = COALESCE(email_verified_at, ?2), updated_at = ?2 WHERE id = ?1")
         .bind(user.0)
         .bind(micros(now))
@@ -217,10 +196,7 @@ fn with_target(mut audit: AuditEvent, user: UserId) -> AuditEvent {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.reader)
-            .await
-            .map_err(db_error)?;
+        sqlx::query("SELECT 1").execute(&self.reader).await.map_err(db_error)?;
         Ok(())
     }
 
@@ -230,15 +206,13 @@ impl Store for SqliteStore {
         token: Option<NewOneTimeToken>,
         audit: AuditEvent,
     ) -> Result<User, StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         insert_user(&mut tx, &user).await?;
         if let Some(token) = &token {
             insert_one_time_token(&mut tx, token).await?;
         }
         insert_audit(&mut tx, &audit).await?;
-        let created = fetch_user(&mut tx, user.id)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let created = fetch_user(&mut tx, user.id).await?.ok_or(StoreError::NotFound)?;
         tx.commit().await.map_err(db_error)?;
         Ok(created)
     }
@@ -278,10 +252,7 @@ impl Store for SqliteStore {
         .fetch_optional(&self.writer)
         .await
         .map_err(db_error)?;
-        row.as_ref()
-            .map(rows::user)
-            .transpose()?
-            .ok_or(StoreError::NotFound)
+        row.as_ref().map(rows::user).transpose()?.ok_or(StoreError::NotFound)
     }
 
     async fn change_password(
@@ -292,15 +263,14 @@ impl Store for SqliteStore {
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
         let now = audit.created_at;
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
-        let done =
-            sqlx::query("UPDATE users SET password_hash = ?2, updated_at = ?3 WHERE id = ?1")
-                .bind(id.0)
-                .bind(&password_hash)
-                .bind(micros(now))
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let done = sqlx::query("UPDATE users SET password_hash = ?2, updated_at = ?3 WHERE id = ?1")
+            .bind(id.0)
+            .bind(&password_hash)
+            .bind(micros(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -316,7 +286,7 @@ impl Store for SqliteStore {
         audit: AuditEvent,
     ) -> Result<User, StoreError> {
         let now = audit.created_at;
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         let existing: Option<Uuid> =
             sqlx::query_scalar("SELECT id FROM users WHERE email = ?1 AND status <> 'deleted'")
                 .bind(user.email.as_str())
@@ -347,7 +317,7 @@ impl Store for SqliteStore {
     }
 
     async fn issue_token(&self, token: NewOneTimeToken) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         insert_one_time_token(&mut tx, &token).await?;
         tx.commit().await.map_err(db_error)
     }
@@ -358,7 +328,11 @@ impl Store for SqliteStore {
         purpose: TokenPurpose,
         now: Timestamp,
     ) -> Result<Option<OneTimeToken>, StoreError> {
-        let row = sqlx::query(concat!("SELECT ", rows::token_columns!(), " FROM one_time_tokens WHERE digest = ?1 AND purpose = ?2 AND used_at IS NULL AND expires_at > ?3"))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            rows::token_columns!(),
+            " FROM one_time_tokens WHERE digest = ?1 AND purpose = ?2 AND used_at IS NULL AND expires_at > ?3"
+        ))
         .bind(&digest.0)
         .bind(purpose.as_str())
         .bind(micros(now))
@@ -376,7 +350,7 @@ impl Store for SqliteStore {
         effect: TokenEffect,
         audit: AuditEvent,
     ) -> Result<Redeemed, StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         let row = sqlx::query(
             "UPDATE one_time_tokens SET used_at = ?3 \
              WHERE digest = ?1 AND purpose = ?2 AND used_at IS NULL AND expires_at > ?3 \
@@ -396,9 +370,8 @@ impl Store for SqliteStore {
         match effect {
             TokenEffect::VerifyEmail => mark_verified(&mut tx, user_id, now).await?,
             TokenEffect::ChangeEmail => {
-                let email = new_email.ok_or_else(|| {
-                    StoreError::Internal("change_email token without new_email".into())
-                })?;
+                let email =
+                    new_email.ok_or_else(|| StoreError::Internal("change_email token without new_email".into()))?;
                 sqlx::query("UPDATE users SET email = ?2, email_verified_at = ?3, updated_at = ?3 WHERE id = ?1")
                     .bind(user_id.0)
                     .bind(email)
@@ -420,28 +393,20 @@ impl Store for SqliteStore {
             }
             TokenEffect::StartSession(new_session) => {
                 if new_session.user_id != user_id {
-                    return Err(StoreError::Internal(
-                        "session for another user than the token's".into(),
-                    ));
+                    return Err(StoreError::Internal("session for another user than the token's".into()));
                 }
                 mark_verified(&mut tx, user_id, now).await?;
                 session = Some(insert_session(&mut tx, &new_session).await?);
             }
         }
         insert_audit(&mut tx, &with_target(audit, user_id)).await?;
-        let user = fetch_user(&mut tx, user_id)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let user = fetch_user(&mut tx, user_id).await?.ok_or(StoreError::NotFound)?;
         tx.commit().await.map_err(db_error)?;
         Ok(Redeemed { user, session })
     }
 
-    async fn create_session(
-        &self,
-        session: NewSession,
-        audit: AuditEvent,
-    ) -> Result<Session, StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
+    async fn create_session(&self, session: NewSession, audit: AuditEvent) -> Result<Session, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         let created = insert_session(&mut tx, &session).await?;
         insert_audit(&mut tx, &with_target(audit, session.user_id)).await?;
         tx.commit().await.map_err(db_error)?;
@@ -450,7 +415,7 @@ impl Store for SqliteStore {
 
     async fn rotate_refresh_token(&self, rotation: Rotation) -> Result<RefreshOutcome, StoreError> {
         let now = micros(rotation.now);
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         let Some(row) = sqlx::query(
             "SELECT rt.session_id, rt.rotated_at, s.revoked_at, s.expires_at, s.user_id \
              FROM refresh_tokens rt JOIN sessions s ON s.id = rt.session_id WHERE rt.digest = ?1",
@@ -496,51 +461,35 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        sqlx::query(
-            "INSERT INTO refresh_tokens (digest, session_id, created_at) VALUES (?1, ?2, ?3)",
-        )
-        .bind(&rotation.replacement.0)
-        .bind(session_id.0)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        sqlx::query("INSERT INTO refresh_tokens (digest, session_id, created_at) VALUES (?1, ?2, ?3)")
+            .bind(&rotation.replacement.0)
+            .bind(session_id.0)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
         sqlx::query("UPDATE sessions SET last_seen_at = ?2 WHERE id = ?1")
             .bind(session_id.0)
             .bind(now)
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        let session = fetch_session(&mut tx, session_id)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        let user = fetch_user(&mut tx, user_id)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let session = fetch_session(&mut tx, session_id).await?.ok_or(StoreError::NotFound)?;
+        let user = fetch_user(&mut tx, user_id).await?.ok_or(StoreError::NotFound)?;
         tx.commit().await.map_err(db_error)?;
         Ok(RefreshOutcome::Rotated { session, user })
     }
 
-    async fn session_with_user(
-        &self,
-        id: SessionId,
-    ) -> Result<Option<(Session, User)>, StoreError> {
+    async fn session_with_user(&self, id: SessionId) -> Result<Option<(Session, User)>, StoreError> {
         let mut conn = self.reader.acquire().await.map_err(db_error)?;
         let Some(session) = fetch_session(&mut conn, id).await? else {
             return Ok(None);
         };
-        let user = fetch_user(&mut conn, session.user_id)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let user = fetch_user(&mut conn, session.user_id).await?.ok_or(StoreError::NotFound)?;
         Ok(Some((session, user)))
     }
 
-    async fn touch_session(
-        &self,
-        id: SessionId,
-        now: Timestamp,
-        stale_before: Timestamp,
-    ) -> Result<(), StoreError> {
+    async fn touch_session(&self, id: SessionId, now: Timestamp, stale_before: Timestamp) -> Result<(), StoreError> {
         sqlx::query("UPDATE sessions SET last_seen_at = ?2 WHERE id = ?1 AND last_seen_at < ?3")
             .bind(id.0)
             .bind(micros(now))
@@ -551,11 +500,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn list_sessions(
-        &self,
-        user: UserId,
-        now: Timestamp,
-    ) -> Result<Vec<Session>, StoreError> {
+    async fn list_sessions(&self, user: UserId, now: Timestamp) -> Result<Vec<Session>, StoreError> {
         let rows = sqlx::query(concat!("SELECT ", rows::session_columns!(), " FROM sessions WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2 ORDER BY created_at DESC, id DESC"))
         .bind(user.0)
         .bind(micros(now))
@@ -565,14 +510,9 @@ impl Store for SqliteStore {
         rows.iter().map(rows::session).collect()
     }
 
-    async fn revoke_sessions(
-        &self,
-        user: UserId,
-        scope: SessionScope,
-        audit: AuditEvent,
-    ) -> Result<u64, StoreError> {
+    async fn revoke_sessions(&self, user: UserId, scope: SessionScope, audit: AuditEvent) -> Result<u64, StoreError> {
         let now = audit.created_at;
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         let count = match scope {
             SessionScope::One(id) => {
                 let done = sqlx::query(
@@ -597,20 +537,16 @@ impl Store for SqliteStore {
         Ok(count)
     }
 
-    async fn set_totp_secret(
-        &self,
-        user: UserId,
-        secret: String,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
-        let done = sqlx::query("UPDATE users SET totp_secret = ?2, updated_at = ?3 WHERE id = ?1 AND totp_enabled_at IS NULL")
-            .bind(user.0)
-            .bind(secret)
-            .bind(micros(now))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+    async fn set_totp_secret(&self, user: UserId, secret: String, now: Timestamp) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let done =
+            sqlx::query("UPDATE users SET totp_secret = ?2, updated_at = ?3 WHERE id = ?1 AND totp_enabled_at IS NULL")
+                .bind(user.0)
+                .bind(secret)
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
         if done.rows_affected() == 0 {
             return match fetch_user(&mut tx, user).await? {
                 Some(_) => Err(StoreError::Conflict("totp_enabled")),
@@ -628,7 +564,7 @@ impl Store for SqliteStore {
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
         let now = micros(audit.created_at);
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         let done = sqlx::query(
             "UPDATE users SET totp_enabled_at = ?2, totp_last_step = ?3, updated_at = ?2 \
              WHERE id = ?1 AND totp_enabled_at IS NULL AND totp_secret IS NOT NULL",
@@ -663,19 +599,16 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn use_recovery_code(
-        &self,
-        user: UserId,
-        code: &TokenDigest,
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query("UPDATE recovery_codes SET used_at = ?3 WHERE user_id = ?1 AND digest = ?2 AND used_at IS NULL")
-            .bind(user.0)
-            .bind(&code.0)
-            .bind(micros(now))
-            .execute(&self.writer)
-            .await
-            .map_err(db_error)?;
+    async fn use_recovery_code(&self, user: UserId, code: &TokenDigest, now: Timestamp) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE recovery_codes SET used_at = ?3 WHERE user_id = ?1 AND digest = ?2 AND used_at IS NULL",
+        )
+        .bind(user.0)
+        .bind(&code.0)
+        .bind(micros(now))
+        .execute(&self.writer)
+        .await
+        .map_err(db_error)?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -685,25 +618,23 @@ impl Store for SqliteStore {
         codes: Vec<TokenDigest>,
         audit: AuditEvent,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         replace_codes(&mut tx, user, &codes, micros(audit.created_at)).await?;
         insert_audit(&mut tx, &with_target(audit, user)).await?;
         tx.commit().await.map_err(db_error)
     }
 
     async fn unused_recovery_codes(&self, user: UserId) -> Result<u32, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM recovery_codes WHERE user_id = ?1 AND used_at IS NULL",
-        )
-        .bind(user.0)
-        .fetch_one(&self.reader)
-        .await
-        .map_err(db_error)?;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM recovery_codes WHERE user_id = ?1 AND used_at IS NULL")
+            .bind(user.0)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_error)?;
         Ok(n as u32)
     }
 
     async fn disable_totp(&self, user: UserId, audit: AuditEvent) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         sqlx::query("UPDATE users SET totp_secret = NULL, totp_enabled_at = NULL, totp_last_step = NULL, updated_at = ?2 WHERE id = ?1")
             .bind(user.0)
             .bind(micros(audit.created_at))
@@ -721,29 +652,17 @@ impl Store for SqliteStore {
     }
 
     async fn list_audit(&self, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
-        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(concat!(
-            "SELECT ",
-            rows::audit_columns!(),
-            " FROM audit_events WHERE 1 = 1"
-        ));
+        let mut sql: QueryBuilder<Sqlite> =
+            QueryBuilder::new(concat!("SELECT ", rows::audit_columns!(), " FROM audit_events WHERE 1 = 1"));
         if let Some(user) = query.target_user {
-            sql.push(" AND target_type = 'user' AND target_id = ")
-                .push_bind(user.to_string());
+            sql.push(" AND target_type = 'user' AND target_id = ").push_bind(user.to_string());
         }
         if let Some(prefix) = query.action_prefix {
             // substr, not LIKE: no wildcard escaping to get wrong.
-            sql.push(" AND substr(action, 1, ")
-                .push_bind(prefix.chars().count() as i64)
-                .push(") = ")
-                .push_bind(prefix);
+            sql.push(" AND substr(action, 1, ").push_bind(prefix.chars().count() as i64).push(") = ").push_bind(prefix);
         }
-        sql.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(i64::from(query.limit.clamp(1, 1000)));
-        let rows = sql
-            .build()
-            .fetch_all(&self.reader)
-            .await
-            .map_err(db_error)?;
+        sql.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(query.limit.clamp(1, 1000)));
+        let rows = sql.build().fetch_all(&self.reader).await.map_err(db_error)?;
         rows.iter().map(rows::audit_event).collect()
     }
 
@@ -753,36 +672,30 @@ impl Store for SqliteStore {
         lease_until: Timestamp,
         limit: u32,
     ) -> Result<Vec<OutboxEmail>, StoreError> {
-        let rows = sqlx::query(concat!("UPDATE email_outbox SET claimed_until = ?2 WHERE id IN ( \
+        let rows = sqlx::query(concat!(
+            "UPDATE email_outbox SET claimed_until = ?2 WHERE id IN ( \
                SELECT id FROM email_outbox WHERE status = 'pending' AND next_attempt_at <= ?1 \
                  AND (claimed_until IS NULL OR claimed_until <= ?1) ORDER BY next_attempt_at, id LIMIT ?3) \
-             RETURNING ", rows::outbox_columns!(), ""))
+             RETURNING ",
+            rows::outbox_columns!(),
+            ""
+        ))
         .bind(micros(now))
         .bind(micros(lease_until))
         .bind(i64::from(limit))
         .fetch_all(&self.writer)
         .await
         .map_err(db_error)?;
-        let mut emails = rows
-            .iter()
-            .map(rows::outbox_email)
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut emails = rows.iter().map(rows::outbox_email).collect::<Result<Vec<_>, _>>()?;
         emails.sort_by_key(|e| (e.created_at, e.id));
         Ok(emails)
     }
 
-    async fn finish_email(
-        &self,
-        id: EmailId,
-        outcome: EmailOutcome,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
+    async fn finish_email(&self, id: EmailId, outcome: EmailOutcome, now: Timestamp) -> Result<(), StoreError> {
         let (status, next_attempt, error) = match outcome {
             EmailOutcome::Sent => (EmailStatus::Sent, None, None),
             EmailOutcome::Logged => (EmailStatus::Logged, None, None),
-            EmailOutcome::Retry { at, error } => {
-                (EmailStatus::Pending, Some(micros(at)), Some(error))
-            }
+            EmailOutcome::Retry { at, error } => (EmailStatus::Pending, Some(micros(at)), Some(error)),
             EmailOutcome::Failed { error } => (EmailStatus::Failed, None, Some(error)),
         };
         let delivered = matches!(status, EmailStatus::Sent | EmailStatus::Logged);
@@ -805,11 +718,10 @@ impl Store for SqliteStore {
     }
 
     async fn pending_email_count(&self) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM email_outbox WHERE status = 'pending'")
-                .fetch_one(&self.reader)
-                .await
-                .map_err(db_error)?;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM email_outbox WHERE status = 'pending'")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_error)?;
         Ok(n as u64)
     }
 }

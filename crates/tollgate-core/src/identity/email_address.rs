@@ -30,19 +30,14 @@ impl EmailAddress {
         }
         let lowered = trimmed.to_lowercase();
         let (local, domain) = lowered.split_once('@').ok_or(EmailError::Invalid)?;
-        let bad_char =
-            |c: char| c.is_whitespace() || c.is_control() || "<>()[],;:\\\"@".contains(c);
+        let bad_char = |c: char| c.is_whitespace() || c.is_control() || "<>()[],;:\\\"@".contains(c);
         if local.is_empty() || local.len() > 64 || local.chars().any(bad_char) {
             return Err(EmailError::Invalid);
         }
         if domain.is_empty()
             || !domain.contains('.')
-            || domain
-                .split('.')
-                .any(|label| label.is_empty() || label.starts_with('-') || label.ends_with('-'))
-            || domain
-                .chars()
-                .any(|c| !(c.is_alphanumeric() || c == '-' || c == '.'))
+            || domain.split('.').any(|label| label.is_empty() || label.starts_with('-') || label.ends_with('-'))
+            || domain.chars().any(|c| !(c.is_alphanumeric() || c == '-' || c == '.'))
         {
             return Err(EmailError::Invalid);
         }
@@ -71,10 +66,7 @@ mod tests {
 
     #[test]
     fn normalises_case_and_whitespace() {
-        assert_eq!(
-            EmailAddress::parse("  Ada@Example.COM ").unwrap().as_str(),
-            "ada@example.com"
-        );
+        assert_eq!(EmailAddress::parse("  Ada@Example.COM ").unwrap().as_str(), "ada@example.com");
     }
 
     #[test]
@@ -91,10 +83,7 @@ mod tests {
             "ada@.example.com",
             "ada@example..com",
         ] {
-            assert!(
-                EmailAddress::parse(bad).is_err(),
-                "{bad:?} should be rejected"
-            );
+            assert!(EmailAddress::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
 

@@ -11,9 +11,8 @@ use tokio::sync::Semaphore;
 use super::mfa;
 use super::password::{self, HashCost, PasswordHasher, PasswordPolicyError};
 use super::{
-    EmailAddress, EmailError, Locale, MAX_NAME_CHARS, NewSession, NewUser, OneTimeToken,
-    RefreshOutcome, Role, SecretToken, Session, SessionScope, TokenDigest, TokenEffect,
-    TokenPurpose, User, UserStatus,
+    EmailAddress, EmailError, Locale, MAX_NAME_CHARS, NewSession, NewUser, OneTimeToken, RefreshOutcome, Role,
+    SecretToken, Session, SessionScope, TokenDigest, TokenEffect, TokenPurpose, User, UserStatus,
 };
 use crate::Timestamp;
 use crate::audit::{Actor, AuditEvent, RequestOrigin, Severity};
@@ -63,11 +62,7 @@ pub struct FieldError {
 
 impl FieldError {
     fn new(field: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            field,
-            code,
-            message: message.into(),
-        }
+        Self { field, code, message: message.into() }
     }
 }
 
@@ -120,6 +115,7 @@ pub struct SignedIn {
 }
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "short-lived return value; boxing buys nothing")]
 pub enum LoginOutcome {
     SignedIn(SignedIn),
     /// Password was right; a second factor is needed with this short-lived token.
@@ -200,16 +196,12 @@ fn presented_password_ok(raw: &str) -> bool {
 pub fn parse_name(raw: Option<&str>) -> Result<Option<String>, FieldError> {
     match raw.map(str::trim) {
         None | Some("") => Ok(None),
-        Some(name) if name.chars().count() > MAX_NAME_CHARS => Err(FieldError::new(
-            "name",
-            "too_long",
-            format!("name must be at most {MAX_NAME_CHARS} characters"),
-        )),
-        Some(name) if name.chars().any(char::is_control) => Err(FieldError::new(
-            "name",
-            "invalid",
-            "name contains control characters",
-        )),
+        Some(name) if name.chars().count() > MAX_NAME_CHARS => {
+            Err(FieldError::new("name", "too_long", format!("name must be at most {MAX_NAME_CHARS} characters")))
+        }
+        Some(name) if name.chars().any(char::is_control) => {
+            Err(FieldError::new("name", "invalid", "name contains control characters"))
+        }
         Some(name) => Ok(Some(name.to_owned())),
     }
 }
@@ -235,12 +227,7 @@ impl Identity {
     pub fn new(store: Arc<dyn Store>, settings: IdentitySettings) -> Result<Self, IdentityError> {
         let hasher = PasswordHasher::new(settings.hash_cost)?;
         let permits = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
-        Ok(Self {
-            store,
-            hasher,
-            settings: Arc::new(settings),
-            hash_permits: Arc::new(Semaphore::new(permits)),
-        })
+        Ok(Self { store, hasher, settings: Arc::new(settings), hash_permits: Arc::new(Semaphore::new(permits)) })
     }
 
     pub fn settings(&self) -> &IdentitySettings {
@@ -252,11 +239,7 @@ impl Identity {
     }
 
     async fn hash(&self, password: &str) -> Result<String, IdentityError> {
-        let _permit = self
-            .hash_permits
-            .acquire()
-            .await
-            .map_err(|e| IdentityError::Internal(e.to_string()))?;
+        let _permit = self.hash_permits.acquire().await.map_err(|e| IdentityError::Internal(e.to_string()))?;
         let hasher = self.hasher.clone();
         let password = password.to_owned();
         tokio::task::spawn_blocking(move || hasher.hash(&password))
@@ -268,11 +251,7 @@ impl Identity {
     /// Verifies against `phc`, or against a dummy hash when there is none, so that
     /// "no such user" and "wrong password" cost the same time.
     async fn verify(&self, password: &str, phc: Option<&str>) -> Result<bool, IdentityError> {
-        let _permit = self
-            .hash_permits
-            .acquire()
-            .await
-            .map_err(|e| IdentityError::Internal(e.to_string()))?;
+        let _permit = self.hash_permits.acquire().await.map_err(|e| IdentityError::Internal(e.to_string()))?;
         let hasher = self.hasher.clone();
         let password = password.to_owned();
         let phc = phc.map(str::to_owned);
@@ -288,11 +267,7 @@ impl Identity {
     }
 
     fn link(&self, path: &str, token: &SecretToken) -> String {
-        format!(
-            "{}/{path}?token={}",
-            self.settings.public_url.trim_end_matches('/'),
-            token.expose()
-        )
+        format!("{}/{path}?token={}", self.settings.public_url.trim_end_matches('/'), token.expose())
     }
 
     fn one_time_token(
@@ -317,34 +292,14 @@ impl Identity {
     }
 
     /// A token plus the email that carries its link.
-    fn emailed_token(
-        &self,
-        purpose: TokenPurpose,
-        user: &User,
-        to: EmailAddress,
-        now: Timestamp,
-    ) -> NewOneTimeToken {
+    fn emailed_token(&self, purpose: TokenPurpose, user: &User, to: EmailAddress, now: Timestamp) -> NewOneTimeToken {
         let (ttl, template, path) = match purpose {
-            TokenPurpose::VerifyEmail => (
-                self.settings.verify_email_ttl,
-                EmailTemplate::VerifyEmail,
-                "verify-email",
-            ),
-            TokenPurpose::ChangeEmail => (
-                self.settings.change_email_ttl,
-                EmailTemplate::ChangeEmail,
-                "verify-email",
-            ),
-            TokenPurpose::PasswordReset => (
-                self.settings.password_reset_ttl,
-                EmailTemplate::PasswordReset,
-                "reset-password",
-            ),
-            TokenPurpose::MagicLink => (
-                self.settings.magic_link_ttl,
-                EmailTemplate::MagicLink,
-                "magic-link",
-            ),
+            TokenPurpose::VerifyEmail => (self.settings.verify_email_ttl, EmailTemplate::VerifyEmail, "verify-email"),
+            TokenPurpose::ChangeEmail => (self.settings.change_email_ttl, EmailTemplate::ChangeEmail, "verify-email"),
+            TokenPurpose::PasswordReset => {
+                (self.settings.password_reset_ttl, EmailTemplate::PasswordReset, "reset-password")
+            }
+            TokenPurpose::MagicLink => (self.settings.magic_link_ttl, EmailTemplate::MagicLink, "magic-link"),
             TokenPurpose::MfaLogin => unreachable!("MFA tokens are never emailed"),
         };
         let (secret, mut token) = self.one_time_token(purpose, user.id, ttl, now);
@@ -352,18 +307,10 @@ impl Identity {
             token.new_email = Some(to.clone());
         }
         let email = email::render(template, user.locale, &self.link(path, &secret), to, now);
-        NewOneTimeToken {
-            token,
-            email: Some(email),
-        }
+        NewOneTimeToken { token, email: Some(email) }
     }
 
-    fn new_session(
-        &self,
-        user: UserId,
-        origin: &RequestOrigin,
-        now: Timestamp,
-    ) -> (SecretToken, NewSession) {
+    fn new_session(&self, user: UserId, origin: &RequestOrigin, now: Timestamp) -> (SecretToken, NewSession) {
         let refresh = SecretToken::generate();
         let session = NewSession {
             id: SessionId::new(),
@@ -379,26 +326,14 @@ impl Identity {
 
     // ---- registration and verification -------------------------------------------
 
-    pub async fn register(
-        &self,
-        input: Registration,
-        origin: &RequestOrigin,
-    ) -> Result<User, IdentityError> {
+    pub async fn register(&self, input: Registration, origin: &RequestOrigin) -> Result<User, IdentityError> {
         let mut errors = Vec::new();
-        let email = email_field(&input.email)
-            .map_err(|e| errors.extend(field_errors(e)))
-            .ok();
+        let email = email_field(&input.email).map_err(|e| errors.extend(field_errors(e))).ok();
         if let Err(e) = password_field("password", &input.password) {
             errors.extend(field_errors(e));
         }
-        let name = parse_name(input.name.as_deref())
-            .map_err(|e| errors.push(e))
-            .ok()
-            .flatten();
-        let locale = parse_locale(input.locale.as_deref())
-            .map_err(|e| errors.push(e))
-            .ok()
-            .flatten();
+        let name = parse_name(input.name.as_deref()).map_err(|e| errors.push(e)).ok().flatten();
+        let locale = parse_locale(input.locale.as_deref()).map_err(|e| errors.push(e)).ok().flatten();
         let (Some(email), true) = (email, errors.is_empty()) else {
             return Err(IdentityError::Invalid(errors));
         };
@@ -417,15 +352,11 @@ impl Identity {
         };
         let placeholder = user_from_new(&new_user);
         let token = self.emailed_token(TokenPurpose::VerifyEmail, &placeholder, email, now);
-        let audit = AuditEvent::new(Actor::Anonymous, "user.registered", origin, now)
-            .target_user(new_user.id);
-        self.store
-            .create_user(new_user, Some(token), audit)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict("users_email") => IdentityError::EmailTaken,
-                other => other.into(),
-            })
+        let audit = AuditEvent::new(Actor::Anonymous, "user.registered", origin, now).target_user(new_user.id);
+        self.store.create_user(new_user, Some(token), audit).await.map_err(|e| match e {
+            StoreError::Conflict("users_email") => IdentityError::EmailTaken,
+            other => other.into(),
+        })
     }
 
     /// Sends a new verification link if the address belongs to an unverified user.
@@ -447,31 +378,15 @@ impl Identity {
 
     /// Redeems a verification link: either a new account's address, or the new address
     /// of an email change.
-    pub async fn verify_email(
-        &self,
-        token: &str,
-        origin: &RequestOrigin,
-    ) -> Result<User, IdentityError> {
+    pub async fn verify_email(&self, token: &str, origin: &RequestOrigin) -> Result<User, IdentityError> {
         let digest = TokenDigest::of(token);
         let now = now();
         for (purpose, effect, action) in [
-            (
-                TokenPurpose::VerifyEmail,
-                TokenEffect::VerifyEmail,
-                "email.verified",
-            ),
-            (
-                TokenPurpose::ChangeEmail,
-                TokenEffect::ChangeEmail,
-                "email.changed",
-            ),
+            (TokenPurpose::VerifyEmail, TokenEffect::VerifyEmail, "email.verified"),
+            (TokenPurpose::ChangeEmail, TokenEffect::ChangeEmail, "email.changed"),
         ] {
             let audit = AuditEvent::new(Actor::Anonymous, action, origin, now);
-            match self
-                .store
-                .redeem_token(&digest, purpose, now, effect, audit)
-                .await
-            {
+            match self.store.redeem_token(&digest, purpose, now, effect, audit).await {
                 Ok(redeemed) => return Ok(redeemed.user),
                 Err(StoreError::NotFound) => continue,
                 Err(e) => return Err(redeem_error(e)),
@@ -512,60 +427,36 @@ impl Identity {
         let user = match (user, password_ok) {
             (Some(user), true) => user,
             (user, _) => {
-                self.store
-                    .record_audit(fail("invalid_credentials", user.as_ref()))
-                    .await?;
+                self.store.record_audit(fail("invalid_credentials", user.as_ref())).await?;
                 return Err(IdentityError::InvalidCredentials);
             }
         };
         match user.status {
             UserStatus::Active => {}
             UserStatus::Suspended => {
-                self.store
-                    .record_audit(fail("suspended", Some(&user)))
-                    .await?;
+                self.store.record_audit(fail("suspended", Some(&user))).await?;
                 return Err(IdentityError::AccountSuspended);
             }
             UserStatus::Deleted => {
-                self.store
-                    .record_audit(fail("deleted", Some(&user)))
-                    .await?;
+                self.store.record_audit(fail("deleted", Some(&user))).await?;
                 return Err(IdentityError::InvalidCredentials);
             }
         }
         if self.settings.require_verified_email && user.email_verified_at.is_none() {
-            self.store
-                .record_audit(fail("email_not_verified", Some(&user)))
-                .await?;
+            self.store.record_audit(fail("email_not_verified", Some(&user))).await?;
             return Err(IdentityError::EmailNotVerified);
         }
         if user.totp_enabled() {
             return self.require_second_factor(&user, now).await;
         }
-        self.open_session(user, origin, "password", now)
-            .await
-            .map(LoginOutcome::SignedIn)
+        self.open_session(user, origin, "password", now).await.map(LoginOutcome::SignedIn)
     }
 
-    async fn require_second_factor(
-        &self,
-        user: &User,
-        now: Timestamp,
-    ) -> Result<LoginOutcome, IdentityError> {
-        let (secret, token) = self.one_time_token(
-            TokenPurpose::MfaLogin,
-            user.id,
-            self.settings.mfa_token_ttl,
-            now,
-        );
+    async fn require_second_factor(&self, user: &User, now: Timestamp) -> Result<LoginOutcome, IdentityError> {
+        let (secret, token) = self.one_time_token(TokenPurpose::MfaLogin, user.id, self.settings.mfa_token_ttl, now);
         let expires_at = token.expires_at;
-        self.store
-            .issue_token(NewOneTimeToken { token, email: None })
-            .await?;
-        Ok(LoginOutcome::MfaRequired {
-            mfa_token: secret,
-            expires_at,
-        })
+        self.store.issue_token(NewOneTimeToken { token, email: None }).await?;
+        Ok(LoginOutcome::MfaRequired { mfa_token: secret, expires_at })
     }
 
     async fn open_session(
@@ -580,11 +471,7 @@ impl Identity {
             .target_user(user.id)
             .meta("method", method);
         let session = self.store.create_session(new_session, audit).await?;
-        Ok(SignedIn {
-            user,
-            session,
-            refresh_token,
-        })
+        Ok(SignedIn { user, session, refresh_token })
     }
 
     /// Completes a login that needed a second factor. A TOTP code is accepted once; a
@@ -598,24 +485,14 @@ impl Identity {
     ) -> Result<SignedIn, IdentityError> {
         let now = now();
         let digest = TokenDigest::of(mfa_token);
-        let token = self
-            .store
-            .peek_token(&digest, TokenPurpose::MfaLogin, now)
-            .await?
-            .ok_or(IdentityError::InvalidToken)?;
-        let user = self
-            .store
-            .user_by_id(token.user_id)
-            .await?
-            .ok_or(IdentityError::InvalidToken)?;
+        let token =
+            self.store.peek_token(&digest, TokenPurpose::MfaLogin, now).await?.ok_or(IdentityError::InvalidToken)?;
+        let user = self.store.user_by_id(token.user_id).await?.ok_or(IdentityError::InvalidToken)?;
         let (accepted, method) = match &factor {
             SecondFactor::Totp(code) => (self.accept_totp(&user, code, now).await?, "totp"),
-            SecondFactor::RecoveryCode(code) => (
-                self.store
-                    .use_recovery_code(user.id, &mfa::recovery_code_digest(code), now)
-                    .await?,
-                "recovery_code",
-            ),
+            SecondFactor::RecoveryCode(code) => {
+                (self.store.use_recovery_code(user.id, &mfa::recovery_code_digest(code), now).await?, "recovery_code")
+            }
         };
         if !accepted {
             let event = AuditEvent::new(Actor::Anonymous, "login.failed", origin, now)
@@ -632,42 +509,22 @@ impl Identity {
             .meta("method", method);
         let redeemed = self
             .store
-            .redeem_token(
-                &digest,
-                TokenPurpose::MfaLogin,
-                now,
-                TokenEffect::StartSession(new_session),
-                audit,
-            )
+            .redeem_token(&digest, TokenPurpose::MfaLogin, now, TokenEffect::StartSession(new_session), audit)
             .await
             .map_err(redeem_error)?;
-        let session = redeemed
-            .session
-            .ok_or_else(|| IdentityError::Internal("no session opened".into()))?;
-        Ok(SignedIn {
-            user: redeemed.user,
-            session,
-            refresh_token,
-        })
+        let session = redeemed.session.ok_or_else(|| IdentityError::Internal("no session opened".into()))?;
+        Ok(SignedIn { user: redeemed.user, session, refresh_token })
     }
 
     /// Whose login an `mfa_token` continues, if it is live (for rate limiting attempts
     /// per user rather than per token, since a password holder can mint tokens).
     pub async fn mfa_token_user(&self, mfa_token: &str) -> Result<Option<UserId>, IdentityError> {
-        let token = self
-            .store
-            .peek_token(&TokenDigest::of(mfa_token), TokenPurpose::MfaLogin, now())
-            .await?;
+        let token = self.store.peek_token(&TokenDigest::of(mfa_token), TokenPurpose::MfaLogin, now()).await?;
         Ok(token.map(|t| t.user_id))
     }
 
     /// True when `code` is valid now and its step was not used before.
-    async fn accept_totp(
-        &self,
-        user: &User,
-        code: &str,
-        now: Timestamp,
-    ) -> Result<bool, IdentityError> {
+    async fn accept_totp(&self, user: &User, code: &str, now: Timestamp) -> Result<bool, IdentityError> {
         let (Some(secret), true) = (&user.totp_secret, user.totp_enabled()) else {
             return Ok(false);
         };
@@ -681,18 +538,11 @@ impl Identity {
     /// session: either the client or an attacker holds a stolen copy.
     pub async fn refresh(&self, refresh_token: &str) -> Result<SignedIn, IdentityError> {
         let replacement = SecretToken::generate();
-        let rotation = Rotation {
-            presented: TokenDigest::of(refresh_token),
-            replacement: replacement.digest(),
-            now: now(),
-        };
+        let rotation =
+            Rotation { presented: TokenDigest::of(refresh_token), replacement: replacement.digest(), now: now() };
         match self.store.rotate_refresh_token(rotation).await? {
             RefreshOutcome::Rotated { session, user } if user.status == UserStatus::Active => {
-                Ok(SignedIn {
-                    user,
-                    session,
-                    refresh_token: replacement,
-                })
+                Ok(SignedIn { user, session, refresh_token: replacement })
             }
             RefreshOutcome::Rotated { .. } => Err(IdentityError::AccountSuspended),
             RefreshOutcome::Reused { .. } => Err(IdentityError::RefreshTokenReused),
@@ -700,18 +550,9 @@ impl Identity {
         }
     }
 
-    pub async fn logout(
-        &self,
-        user: UserId,
-        session: SessionId,
-        origin: &RequestOrigin,
-    ) -> Result<(), IdentityError> {
+    pub async fn logout(&self, user: UserId, session: SessionId, origin: &RequestOrigin) -> Result<(), IdentityError> {
         let audit = AuditEvent::new(Actor::User(user), "logout", origin, now()).target_user(user);
-        match self
-            .store
-            .revoke_sessions(user, SessionScope::One(session), audit)
-            .await
-        {
+        match self.store.revoke_sessions(user, SessionScope::One(session), audit).await {
             Ok(_) | Err(StoreError::NotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }
@@ -722,20 +563,14 @@ impl Identity {
     /// Emails a reset link if the address belongs to an active user. Always succeeds
     /// from the caller's point of view; the caller answers 202 either way.
     pub async fn forgot_password(&self, raw_email: &str) -> Result<(), IdentityError> {
-        self.email_link_if_active(raw_email, TokenPurpose::PasswordReset)
-            .await
+        self.email_link_if_active(raw_email, TokenPurpose::PasswordReset).await
     }
 
     pub async fn request_magic_link(&self, raw_email: &str) -> Result<(), IdentityError> {
-        self.email_link_if_active(raw_email, TokenPurpose::MagicLink)
-            .await
+        self.email_link_if_active(raw_email, TokenPurpose::MagicLink).await
     }
 
-    async fn email_link_if_active(
-        &self,
-        raw_email: &str,
-        purpose: TokenPurpose,
-    ) -> Result<(), IdentityError> {
+    async fn email_link_if_active(&self, raw_email: &str, purpose: TokenPurpose) -> Result<(), IdentityError> {
         let Ok(email) = EmailAddress::parse(raw_email) else {
             return Ok(());
         };
@@ -767,8 +602,7 @@ impl Identity {
             .await?
             .ok_or(IdentityError::InvalidToken)?;
         let password_hash = self.hash(new_password).await?;
-        let audit = AuditEvent::new(Actor::User(live.user_id), "password.reset", origin, now)
-            .target_user(live.user_id);
+        let audit = AuditEvent::new(Actor::User(live.user_id), "password.reset", origin, now).target_user(live.user_id);
         let redeemed = self
             .store
             .redeem_token(
@@ -784,35 +618,17 @@ impl Identity {
     }
 
     /// Signs in with a magic link. A user with 2FA still has to give a second factor.
-    pub async fn verify_magic_link(
-        &self,
-        token: &str,
-        origin: &RequestOrigin,
-    ) -> Result<LoginOutcome, IdentityError> {
+    pub async fn verify_magic_link(&self, token: &str, origin: &RequestOrigin) -> Result<LoginOutcome, IdentityError> {
         let digest = TokenDigest::of(token);
         let now = now();
-        let live = self
-            .store
-            .peek_token(&digest, TokenPurpose::MagicLink, now)
-            .await?
-            .ok_or(IdentityError::InvalidToken)?;
-        let user = self
-            .store
-            .user_by_id(live.user_id)
-            .await?
-            .ok_or(IdentityError::InvalidToken)?;
+        let live =
+            self.store.peek_token(&digest, TokenPurpose::MagicLink, now).await?.ok_or(IdentityError::InvalidToken)?;
+        let user = self.store.user_by_id(live.user_id).await?.ok_or(IdentityError::InvalidToken)?;
         if user.totp_enabled() {
-            let audit = AuditEvent::new(Actor::User(user.id), "magic_link.used", origin, now)
-                .target_user(user.id);
+            let audit = AuditEvent::new(Actor::User(user.id), "magic_link.used", origin, now).target_user(user.id);
             let redeemed = self
                 .store
-                .redeem_token(
-                    &digest,
-                    TokenPurpose::MagicLink,
-                    now,
-                    TokenEffect::VerifyEmail,
-                    audit,
-                )
+                .redeem_token(&digest, TokenPurpose::MagicLink, now, TokenEffect::VerifyEmail, audit)
                 .await
                 .map_err(redeem_error)?;
             return self.require_second_factor(&redeemed.user, now).await;
@@ -823,23 +639,11 @@ impl Identity {
             .meta("method", "magic_link");
         let redeemed = self
             .store
-            .redeem_token(
-                &digest,
-                TokenPurpose::MagicLink,
-                now,
-                TokenEffect::StartSession(new_session),
-                audit,
-            )
+            .redeem_token(&digest, TokenPurpose::MagicLink, now, TokenEffect::StartSession(new_session), audit)
             .await
             .map_err(redeem_error)?;
-        let session = redeemed
-            .session
-            .ok_or_else(|| IdentityError::Internal("no session opened".into()))?;
-        Ok(LoginOutcome::SignedIn(SignedIn {
-            user: redeemed.user,
-            session,
-            refresh_token,
-        }))
+        let session = redeemed.session.ok_or_else(|| IdentityError::Internal("no session opened".into()))?;
+        Ok(LoginOutcome::SignedIn(SignedIn { user: redeemed.user, session, refresh_token }))
     }
 
     // ---- the signed-in user ----------------------------------------------------------
@@ -865,20 +669,13 @@ impl Identity {
         password_field("new", new)?;
         self.check_password(user, current).await?;
         let hash = self.hash(new).await?;
-        let audit = AuditEvent::new(Actor::User(user.id), "password.changed", origin, now())
-            .target_user(user.id);
-        self.store
-            .change_password(user.id, hash, Some(session), audit)
-            .await?;
+        let audit = AuditEvent::new(Actor::User(user.id), "password.changed", origin, now()).target_user(user.id);
+        self.store.change_password(user.id, hash, Some(session), audit).await?;
         Ok(())
     }
 
     async fn check_password(&self, user: &User, presented: &str) -> Result<(), IdentityError> {
-        if presented_password_ok(presented)
-            && self
-                .verify(presented, user.password_hash.as_deref())
-                .await?
-        {
+        if presented_password_ok(presented) && self.verify(presented, user.password_hash.as_deref()).await? {
             Ok(())
         } else {
             Err(IdentityError::InvalidCredentials)
@@ -913,23 +710,18 @@ impl Identity {
         scope: SessionScope,
         origin: &RequestOrigin,
     ) -> Result<u64, IdentityError> {
-        let audit = AuditEvent::new(Actor::User(user), "session.revoked", origin, now())
-            .target_user(user)
-            .meta(
-                "scope",
-                match scope {
-                    SessionScope::One(id) => id.to_string(),
-                    SessionScope::AllExcept(_) => "others".to_owned(),
-                    SessionScope::All => "all".to_owned(),
-                },
-            );
-        self.store
-            .revoke_sessions(user, scope, audit)
-            .await
-            .map_err(|e| match e {
-                StoreError::NotFound => IdentityError::SessionNotFound,
-                other => other.into(),
-            })
+        let audit = AuditEvent::new(Actor::User(user), "session.revoked", origin, now()).target_user(user).meta(
+            "scope",
+            match scope {
+                SessionScope::One(id) => id.to_string(),
+                SessionScope::AllExcept(_) => "others".to_owned(),
+                SessionScope::All => "all".to_owned(),
+            },
+        );
+        self.store.revoke_sessions(user, scope, audit).await.map_err(|e| match e {
+            StoreError::NotFound => IdentityError::SessionNotFound,
+            other => other.into(),
+        })
     }
 
     // ---- two-factor authentication ---------------------------------------------------
@@ -939,19 +731,13 @@ impl Identity {
             return Err(IdentityError::MfaAlreadyEnabled);
         }
         let secret = mfa::new_totp_secret();
-        let otpauth_uri = mfa::otpauth_uri(&secret, user.email.as_str(), None)
-            .map_err(|e| IdentityError::Internal(e.to_string()))?;
-        self.store
-            .set_totp_secret(user.id, secret.clone(), now())
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict(_) => IdentityError::MfaAlreadyEnabled,
-                other => other.into(),
-            })?;
-        Ok(TotpSetup {
-            secret,
-            otpauth_uri,
-        })
+        let otpauth_uri =
+            mfa::otpauth_uri(&secret, user.email.as_str(), None).map_err(|e| IdentityError::Internal(e.to_string()))?;
+        self.store.set_totp_secret(user.id, secret.clone(), now()).await.map_err(|e| match e {
+            StoreError::Conflict(_) => IdentityError::MfaAlreadyEnabled,
+            other => other.into(),
+        })?;
+        Ok(TotpSetup { secret, otpauth_uri })
     }
 
     /// Turns 2FA on once the user proves the secret with a code; returns the recovery
@@ -965,24 +751,17 @@ impl Identity {
         if user.totp_enabled() {
             return Err(IdentityError::MfaAlreadyEnabled);
         }
-        let secret = user
-            .totp_secret
-            .as_deref()
-            .ok_or(IdentityError::MfaNotSetUp)?;
+        let secret = user.totp_secret.as_deref().ok_or(IdentityError::MfaNotSetUp)?;
         let now = now();
-        let step = mfa::check_totp(secret, code, now.unix_timestamp().max(0) as u64)
-            .ok_or(IdentityError::InvalidMfaCode)?;
+        let step =
+            mfa::check_totp(secret, code, now.unix_timestamp().max(0) as u64).ok_or(IdentityError::InvalidMfaCode)?;
         let (codes, digests) = mfa::new_recovery_codes();
-        let audit =
-            AuditEvent::new(Actor::User(user.id), "mfa.enabled", origin, now).target_user(user.id);
-        self.store
-            .enable_totp(user.id, step, digests, audit)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict(_) => IdentityError::MfaAlreadyEnabled,
-                StoreError::NotFound => IdentityError::MfaNotSetUp,
-                other => other.into(),
-            })?;
+        let audit = AuditEvent::new(Actor::User(user.id), "mfa.enabled", origin, now).target_user(user.id);
+        self.store.enable_totp(user.id, step, digests, audit).await.map_err(|e| match e {
+            StoreError::Conflict(_) => IdentityError::MfaAlreadyEnabled,
+            StoreError::NotFound => IdentityError::MfaNotSetUp,
+            other => other.into(),
+        })?;
         Ok(codes)
     }
 
@@ -1009,31 +788,22 @@ impl Identity {
         Ok(())
     }
 
-    /// New recovery codes (the old ones stop working); needs a current code.
+    /// New recovery codes (the old ones stop working); needs the password, since the
+    /// codes exist for when the authenticator is lost.
     pub async fn regenerate_recovery_codes(
         &self,
         user: &User,
-        code: &str,
+        password: &str,
         origin: &RequestOrigin,
     ) -> Result<Vec<String>, IdentityError> {
         if !user.totp_enabled() {
             return Err(IdentityError::MfaNotEnabled);
         }
-        let now = now();
-        if !self.accept_totp(user, code, now).await? {
-            return Err(IdentityError::InvalidMfaCode);
-        }
+        self.check_password(user, password).await?;
         let (codes, digests) = mfa::new_recovery_codes();
-        let audit = AuditEvent::new(
-            Actor::User(user.id),
-            "mfa.recovery_codes_regenerated",
-            origin,
-            now,
-        )
-        .target_user(user.id);
-        self.store
-            .replace_recovery_codes(user.id, digests, audit)
-            .await?;
+        let audit =
+            AuditEvent::new(Actor::User(user.id), "mfa.recovery_codes_regenerated", origin, now()).target_user(user.id);
+        self.store.replace_recovery_codes(user.id, digests, audit).await?;
         Ok(codes)
     }
 
@@ -1056,19 +826,10 @@ impl Identity {
             created_at: now,
         };
         // The store binds the token to whichever user ends up admin.
-        let (secret, token) = self.one_time_token(
-            TokenPurpose::PasswordReset,
-            new_user.id,
-            self.settings.password_reset_ttl,
-            now,
-        );
-        let audit = AuditEvent::new(
-            Actor::System,
-            "user.admin_granted",
-            &RequestOrigin::default(),
-            now,
-        )
-        .severity(Severity::Critical);
+        let (secret, token) =
+            self.one_time_token(TokenPurpose::PasswordReset, new_user.id, self.settings.password_reset_ttl, now);
+        let audit = AuditEvent::new(Actor::System, "user.admin_granted", &RequestOrigin::default(), now)
+            .severity(Severity::Critical);
         let user = self.store.upsert_admin(new_user, token, audit).await?;
         Ok((user, self.link("reset-password", &secret)))
     }

@@ -31,14 +31,8 @@ pub fn new_totp_secret() -> String {
 }
 
 /// The `otpauth://totp/...` URI shown as a QR code during setup.
-pub fn otpauth_uri(
-    secret_base32: &str,
-    account: &str,
-    issuer: Option<&str>,
-) -> Result<String, BadSecret> {
-    totp(secret_base32, account, issuer.unwrap_or(ISSUER))?
-        .to_url()
-        .map_err(|_| BadSecret)
+pub fn otpauth_uri(secret_base32: &str, account: &str, issuer: Option<&str>) -> Result<String, BadSecret> {
+    totp(secret_base32, account, issuer.unwrap_or(ISSUER))?.to_url().map_err(|_| BadSecret)
 }
 
 /// The time step matched by `code` at `unix_seconds` (±1 step of clock skew), if any.
@@ -48,15 +42,12 @@ pub fn check_totp(secret_base32: &str, code: &str, unix_seconds: u64) -> Option<
         return None;
     }
     let totp = totp(secret_base32, "check", ISSUER).ok()?;
-    totp.check(&code, unix_seconds)
-        .and_then(|step| i64::try_from(step).ok())
+    totp.check(&code, unix_seconds).and_then(|step| i64::try_from(step).ok())
 }
 
 /// The code for `unix_seconds`; used by tests and the CLI, never by the server.
 pub fn totp_code_at(secret_base32: &str, unix_seconds: u64) -> Result<String, BadSecret> {
-    Ok(totp(secret_base32, "check", ISSUER)?
-        .generate(unix_seconds)
-        .to_string())
+    Ok(totp(secret_base32, "check", ISSUER)?.generate(unix_seconds).to_string())
 }
 
 /// Ten recovery codes like `k3j9-x2mq-a8c4-p0zt` (80 random bits each, so an unsalted
@@ -67,15 +58,8 @@ pub fn new_recovery_codes() -> (Vec<String>, Vec<TokenDigest>) {
     for _ in 0..RECOVERY_CODE_COUNT {
         let mut bytes = [0u8; 16];
         rand::fill(&mut bytes);
-        let chars: Vec<char> = bytes
-            .iter()
-            .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
-            .collect();
-        let code = chars
-            .chunks(4)
-            .map(|c| c.iter().collect::<String>())
-            .collect::<Vec<_>>()
-            .join("-");
+        let chars: Vec<char> = bytes.iter().map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char).collect();
+        let code = chars.chunks(4).map(|c| c.iter().collect::<String>()).collect::<Vec<_>>().join("-");
         codes.push(code);
     }
     let digests = codes.iter().map(|c| recovery_code_digest(c)).collect();
@@ -84,11 +68,8 @@ pub fn new_recovery_codes() -> (Vec<String>, Vec<TokenDigest>) {
 
 /// Digest of a presented recovery code: case, dashes and spaces do not matter.
 pub fn recovery_code_digest(presented: &str) -> TokenDigest {
-    let normalised: String = presented
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
+    let normalised: String =
+        presented.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect();
     TokenDigest::of(&normalised)
 }
 
@@ -113,10 +94,7 @@ mod tests {
     fn uri_names_issuer_and_secret() {
         let secret = new_totp_secret();
         let uri = otpauth_uri(&secret, "ada@example.com", None).unwrap();
-        assert!(
-            uri.starts_with("otpauth://totp/Tollgate:ada%40example.com?"),
-            "{uri}"
-        );
+        assert!(uri.starts_with("otpauth://totp/Tollgate:ada%40example.com?"), "{uri}");
         assert!(uri.contains(&secret));
     }
 
@@ -126,9 +104,6 @@ mod tests {
         assert_eq!(codes.len(), RECOVERY_CODE_COUNT);
         let unique: std::collections::HashSet<_> = codes.iter().collect();
         assert_eq!(unique.len(), RECOVERY_CODE_COUNT);
-        assert_eq!(
-            recovery_code_digest(&codes[0].to_uppercase().replace('-', " ")),
-            digests[0]
-        );
+        assert_eq!(recovery_code_digest(&codes[0].to_uppercase().replace('-', " ")), digests[0]);
     }
 }

@@ -16,13 +16,7 @@ static COMMON_PASSWORDS: &str = include_str!("../../data/common-passwords.txt");
 
 fn common_passwords() -> &'static HashSet<&'static str> {
     static SET: OnceLock<HashSet<&'static str>> = OnceLock::new();
-    SET.get_or_init(|| {
-        COMMON_PASSWORDS
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect()
-    })
+    SET.get_or_init(|| COMMON_PASSWORDS.lines().map(str::trim).filter(|l| !l.is_empty()).collect())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -61,11 +55,7 @@ pub struct HashCost {
 
 impl Default for HashCost {
     fn default() -> Self {
-        Self {
-            memory_kib: 19 * 1024,
-            iterations: 2,
-            parallelism: 1,
-        }
+        Self { memory_kib: 19 * 1024, iterations: 2, parallelism: 1 }
     }
 }
 
@@ -88,20 +78,14 @@ impl PasswordHasher {
         let params = Params::new(cost.memory_kib, cost.iterations, cost.parallelism, None)
             .map_err(|e| HashError(e.to_string()))?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-        let mut hasher = Self {
-            argon,
-            dummy_hash: String::new(),
-        };
-        hasher.dummy_hash = hasher.hash(&super::SecretToken::generate().expose().to_owned())?;
+        let mut hasher = Self { argon, dummy_hash: String::new() };
+        hasher.dummy_hash = hasher.hash(super::SecretToken::generate().expose())?;
         Ok(hasher)
     }
 
     /// CPU-bound (tens of milliseconds): call from a blocking thread.
     pub fn hash(&self, password: &str) -> Result<String, HashError> {
-        self.argon
-            .hash_password(password.as_bytes())
-            .map(|h| h.to_string())
-            .map_err(|e| HashError(e.to_string()))
+        self.argon.hash_password(password.as_bytes()).map(|h| h.to_string()).map_err(|e| HashError(e.to_string()))
     }
 
     /// `false` for a wrong password and for a malformed stored hash alike.
@@ -120,36 +104,16 @@ mod tests {
     use super::*;
 
     fn cheap() -> PasswordHasher {
-        PasswordHasher::new(HashCost {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        })
-        .unwrap()
+        PasswordHasher::new(HashCost { memory_kib: 64, iterations: 1, parallelism: 1 }).unwrap()
     }
 
     #[test]
     fn policy() {
-        assert_eq!(
-            check_new_password("short"),
-            Err(PasswordPolicyError::TooShort)
-        );
-        assert_eq!(
-            check_new_password(&"x".repeat(129)),
-            Err(PasswordPolicyError::TooLong)
-        );
-        assert_eq!(
-            check_new_password("password"),
-            Err(PasswordPolicyError::TooCommon)
-        );
-        assert_eq!(
-            check_new_password("PassWord"),
-            Err(PasswordPolicyError::TooCommon)
-        );
-        assert_eq!(
-            check_new_password("baseball"),
-            Err(PasswordPolicyError::TooCommon)
-        );
+        assert_eq!(check_new_password("short"), Err(PasswordPolicyError::TooShort));
+        assert_eq!(check_new_password(&"x".repeat(129)), Err(PasswordPolicyError::TooLong));
+        assert_eq!(check_new_password("password"), Err(PasswordPolicyError::TooCommon));
+        assert_eq!(check_new_password("PassWord"), Err(PasswordPolicyError::TooCommon));
+        assert_eq!(check_new_password("baseball"), Err(PasswordPolicyError::TooCommon));
         assert!(check_new_password("correct horse battery staple").is_ok());
         // 128 multi-byte characters are allowed: the limit counts characters.
         assert!(check_new_password(&"é".repeat(128)).is_ok());
@@ -167,10 +131,7 @@ mod tests {
 
     #[test]
     fn default_cost_is_owasp() {
-        let phc = PasswordHasher::new(HashCost::default())
-            .unwrap()
-            .hash("x")
-            .unwrap();
+        let phc = PasswordHasher::new(HashCost::default()).unwrap().hash("x").unwrap();
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
     }
 }

@@ -68,10 +68,7 @@ mod tests {
 
     #[test]
     fn digest_is_stable_sha256_hex() {
-        assert_eq!(
-            TokenDigest::of("abc").0,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(TokenDigest::of("abc").0, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]

@@ -45,19 +45,9 @@ pub async fn register(
     Origin(origin): Origin,
     ApiJson(body): ApiJson<RegisterRequest>,
 ) -> ApiResult<(StatusCode, Json<UserResponse>)> {
-    let input = Registration {
-        email: body.email,
-        password: body.password,
-        name: body.name,
-        locale: body.locale,
-    };
+    let input = Registration { email: body.email, password: body.password, name: body.name, locale: body.locale };
     let user = state.identity.register(input, &origin).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(UserResponse {
-            user: UserView::from(&user),
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(UserResponse { user: UserView::from(&user) })))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -80,9 +70,7 @@ pub async fn verify_email(
     ApiJson(body): ApiJson<TokenRequest>,
 ) -> ApiResult<Json<UserResponse>> {
     let user = state.identity.verify_email(&body.token, &origin).await?;
-    Ok(Json(UserResponse {
-        user: UserView::from(&user),
-    }))
+    Ok(Json(UserResponse { user: UserView::from(&user) }))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -112,9 +100,7 @@ pub async fn resend_verification(
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> (StatusCode, Json<Accepted>) {
     let identity = state.identity.clone();
-    in_background("resending verification", async move {
-        identity.resend_verification(&body.email).await
-    });
+    in_background("resending verification", async move { identity.resend_verification(&body.email).await });
     (StatusCode::ACCEPTED, Json(Accepted::new()))
 }
 
@@ -144,10 +130,7 @@ pub struct LoginResponse {
     pub user: Option<UserView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfa_token: Option<String>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        with = "time::serde::rfc3339::option"
-    )]
+    #[serde(skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
     pub mfa_token_expires_at: Option<OffsetDateTime>,
 }
 
@@ -170,10 +153,7 @@ fn signed_in(state: &AppState, s: SignedIn) -> ApiResult<LoginResponse> {
 fn login_response(state: &AppState, outcome: LoginOutcome) -> ApiResult<LoginResponse> {
     match outcome {
         LoginOutcome::SignedIn(s) => signed_in(state, s),
-        LoginOutcome::MfaRequired {
-            mfa_token,
-            expires_at,
-        } => Ok(LoginResponse {
+        LoginOutcome::MfaRequired { mfa_token, expires_at } => Ok(LoginResponse {
             mfa_required: true,
             mfa_token: Some(mfa_token.expose().to_owned()),
             mfa_token_expires_at: Some(expires_at),
@@ -185,23 +165,11 @@ fn login_response(state: &AppState, outcome: LoginOutcome) -> ApiResult<LoginRes
 /// The failed-login counter key: the address as typed, normalised, so that unknown
 /// and known addresses are limited alike.
 fn failed_login_key(email: &str) -> String {
-    format!(
-        "login:{}",
-        email
-            .trim()
-            .to_lowercase()
-            .chars()
-            .take(254)
-            .collect::<String>()
-    )
+    format!("login:{}", email.trim().to_lowercase().chars().take(254).collect::<String>())
 }
 
 fn limited(d: tollgate_core::ratelimit::Decision) -> ApiError {
-    ApiError::RateLimited {
-        retry_after: d.retry_after.unwrap_or_default(),
-        limit: d.limit,
-        reset_after: d.reset_after,
-    }
+    ApiError::RateLimited { retry_after: d.retry_after.unwrap_or_default(), limit: d.limit, reset_after: d.reset_after }
 }
 
 /// Password login. Wrong email and wrong password get the same answer in the same time.
@@ -223,11 +191,7 @@ pub async fn login(
     if !peek.allowed {
         return Err(limited(peek));
     }
-    match state
-        .identity
-        .login(&body.email, &body.password, &origin)
-        .await
-    {
+    match state.identity.login(&body.email, &body.password, &origin).await {
         Ok(outcome) => Ok(Json(login_response(&state, outcome)?)),
         Err(e) => {
             if matches!(e, IdentityError::InvalidCredentials) {
@@ -264,31 +228,21 @@ pub async fn login_mfa(
         (Some(code), None) => SecondFactor::Totp(code),
         (None, Some(code)) => SecondFactor::RecoveryCode(code),
         _ => {
-            return Err(ApiError::Validation(vec![
-                tollgate_core::identity::flows::FieldError {
-                    field: "code",
-                    code: "one_of_required",
-                    message: "give exactly one of code and recovery_code".into(),
-                },
-            ]));
+            return Err(ApiError::Validation(vec![tollgate_core::identity::flows::FieldError {
+                field: "code",
+                code: "one_of_required",
+                message: "give exactly one of code and recovery_code".into(),
+            }]));
         }
     };
-    let user = state
-        .identity
-        .mfa_token_user(&body.mfa_token)
-        .await?
-        .ok_or(ApiError::InvalidMfaToken)?;
+    let user = state.identity.mfa_token_user(&body.mfa_token).await?.ok_or(ApiError::InvalidMfaToken)?;
     let key = format!("mfa:{user}");
     let limit = state.config.auth.failed_login_limit;
     let peek = state.limiter.peek(&key, limit);
     if !peek.allowed {
         return Err(limited(peek));
     }
-    match state
-        .identity
-        .login_mfa(&body.mfa_token, factor, &origin)
-        .await
-    {
+    match state.identity.login_mfa(&body.mfa_token, factor, &origin).await {
         Ok(s) => Ok(Json(signed_in(&state, s)?)),
         Err(IdentityError::InvalidMfaCode) => {
             state.limiter.hit(&key, limit, 1);
@@ -335,10 +289,7 @@ pub async fn logout(
     Origin(origin): Origin,
     current: CurrentUser,
 ) -> ApiResult<StatusCode> {
-    state
-        .identity
-        .logout(current.user.id, current.session.id, &origin)
-        .await?;
+    state.identity.logout(current.user.id, current.session.id, &origin).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -350,9 +301,7 @@ pub async fn forgot_password(
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> (StatusCode, Json<Accepted>) {
     let identity = state.identity.clone();
-    in_background("password reset request", async move {
-        identity.forgot_password(&body.email).await
-    });
+    in_background("password reset request", async move { identity.forgot_password(&body.email).await });
     (StatusCode::ACCEPTED, Json(Accepted::new()))
 }
 
@@ -375,13 +324,8 @@ pub async fn reset_password(
     Origin(origin): Origin,
     ApiJson(body): ApiJson<ResetPasswordRequest>,
 ) -> ApiResult<Json<UserResponse>> {
-    let user = state
-        .identity
-        .reset_password(&body.token, &body.password, &origin)
-        .await?;
-    Ok(Json(UserResponse {
-        user: UserView::from(&user),
-    }))
+    let user = state.identity.reset_password(&body.token, &body.password, &origin).await?;
+    Ok(Json(UserResponse { user: UserView::from(&user) }))
 }
 
 /// Emails a 15-minute, single-use sign-in link if the address is registered.
@@ -392,9 +336,7 @@ pub async fn magic_link(
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> (StatusCode, Json<Accepted>) {
     let identity = state.identity.clone();
-    in_background("magic link request", async move {
-        identity.request_magic_link(&body.email).await
-    });
+    in_background("magic link request", async move { identity.request_magic_link(&body.email).await });
     (StatusCode::ACCEPTED, Json(Accepted::new()))
 }
 
@@ -409,9 +351,6 @@ pub async fn magic_link_verify(
     Origin(origin): Origin,
     ApiJson(body): ApiJson<TokenRequest>,
 ) -> ApiResult<Json<LoginResponse>> {
-    let outcome = state
-        .identity
-        .verify_magic_link(&body.token, &origin)
-        .await?;
+    let outcome = state.identity.verify_magic_link(&body.token, &origin).await?;
     Ok(Json(login_response(&state, outcome)?))
 }

@@ -24,9 +24,7 @@ use crate::state::AppState;
         (status = 401, description = "Not signed in", body = ErrorResponse),
     ))]
 pub async fn get_me(current: CurrentUser) -> Json<UserResponse> {
-    Json(UserResponse {
-        user: UserView::from(&current.user),
-    })
+    Json(UserResponse { user: UserView::from(&current.user) })
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -40,9 +38,7 @@ pub struct UpdateMeRequest {
 }
 
 /// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
-fn double_option<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<String>>, D::Error> {
+fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
     Option::<String>::deserialize(d).map(Some)
 }
 
@@ -62,20 +58,12 @@ pub async fn update_me(
         None => None,
         Some(raw) => parse_name(raw.as_deref()).map_err(|e| errors.push(e)).ok(),
     };
-    let locale = parse_locale(body.locale.as_deref())
-        .map_err(|e| errors.push(e))
-        .ok()
-        .flatten();
+    let locale = parse_locale(body.locale.as_deref()).map_err(|e| errors.push(e)).ok().flatten();
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
-    let user = state
-        .identity
-        .update_profile(current.user.id, name, locale)
-        .await?;
-    Ok(Json(UserResponse {
-        user: UserView::from(&user),
-    }))
+    let user = state.identity.update_profile(current.user.id, name, locale).await?;
+    Ok(Json(UserResponse { user: UserView::from(&user) }))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -98,16 +86,7 @@ pub async fn change_password(
     current: CurrentUser,
     ApiJson(body): ApiJson<ChangePasswordRequest>,
 ) -> ApiResult<StatusCode> {
-    state
-        .identity
-        .change_password(
-            &current.user,
-            current.session.id,
-            &body.current,
-            &body.new,
-            &origin,
-        )
-        .await?;
+    state.identity.change_password(&current.user, current.session.id, &body.current, &body.new, &origin).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -133,10 +112,7 @@ pub async fn change_email(
     current: CurrentUser,
     ApiJson(body): ApiJson<ChangeEmailRequest>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
-    state
-        .identity
-        .request_email_change(&current.user, &body.email, &body.password)
-        .await?;
+    state.identity.request_email_change(&current.user, &body.email, &body.password).await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted::new())))
 }
 
@@ -148,15 +124,9 @@ pub struct SessionList {
 /// Live sessions (devices), newest first.
 #[utoipa::path(get, path = "/v1/me/sessions", tag = "me", security(("bearer" = [])),
     responses((status = 200, description = "Sessions", body = SessionList)))]
-pub async fn list_sessions(
-    State(state): State<AppState>,
-    current: CurrentUser,
-) -> ApiResult<Json<SessionList>> {
+pub async fn list_sessions(State(state): State<AppState>, current: CurrentUser) -> ApiResult<Json<SessionList>> {
     let sessions = state.identity.sessions(current.user.id).await?;
-    let sessions = sessions
-        .iter()
-        .map(|s| SessionView::new(s, s.id == current.session.id))
-        .collect();
+    let sessions = sessions.iter().map(|s| SessionView::new(s, s.id == current.session.id)).collect();
     Ok(Json(SessionList { sessions }))
 }
 
@@ -173,10 +143,7 @@ pub async fn revoke_session(
     current: CurrentUser,
     Path(id): Path<Uuid>,
 ) -> ApiResult<StatusCode> {
-    state
-        .identity
-        .revoke_sessions(current.user.id, SessionScope::One(SessionId(id)), &origin)
-        .await?;
+    state.identity.revoke_sessions(current.user.id, SessionScope::One(SessionId(id)), &origin).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -193,13 +160,7 @@ pub async fn revoke_other_sessions(
     Origin(origin): Origin,
     current: CurrentUser,
 ) -> ApiResult<Json<RevokedCount>> {
-    let revoked = state
-        .identity
-        .revoke_sessions(
-            current.user.id,
-            SessionScope::AllExcept(current.session.id),
-            &origin,
-        )
-        .await?;
+    let revoked =
+        state.identity.revoke_sessions(current.user.id, SessionScope::AllExcept(current.session.id), &origin).await?;
     Ok(Json(RevokedCount { revoked }))
 }

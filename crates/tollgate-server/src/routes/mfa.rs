@@ -28,27 +28,16 @@ pub struct TotpSetupResponse {
         (status = 200, description = "Secret, URI and QR code", body = TotpSetupResponse),
         (status = 409, description = "`mfa_already_enabled`", body = ErrorResponse),
     ))]
-pub async fn setup(
-    State(state): State<AppState>,
-    current: CurrentUser,
-) -> ApiResult<Json<TotpSetupResponse>> {
+pub async fn setup(State(state): State<AppState>, current: CurrentUser) -> ApiResult<Json<TotpSetupResponse>> {
     let setup = state.identity.totp_setup(&current.user).await?;
-    let qr = QrCode::new(setup.otpauth_uri.as_bytes())
-        .map_err(|e| ApiError::Internal(format!("QR code: {e}")))?;
-    let svg = qr
-        .render::<svg::Color<'_>>()
-        .min_dimensions(200, 200)
-        .build();
+    let qr = QrCode::new(setup.otpauth_uri.as_bytes()).map_err(|e| ApiError::Internal(format!("QR code: {e}")))?;
+    let svg = qr.render::<svg::Color<'_>>().min_dimensions(200, 200).build();
     // Drop the XML prolog so the SVG can be inlined in HTML as is.
     let qr_svg = match svg.find("<svg") {
         Some(start) => svg[start..].to_owned(),
         None => svg,
     };
-    Ok(Json(TotpSetupResponse {
-        secret: setup.secret,
-        otpauth_uri: setup.otpauth_uri,
-        qr_svg,
-    }))
+    Ok(Json(TotpSetupResponse { secret: setup.secret, otpauth_uri: setup.otpauth_uri, qr_svg }))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -77,10 +66,7 @@ pub async fn enable(
     current: CurrentUser,
     ApiJson(body): ApiJson<CodeRequest>,
 ) -> ApiResult<Json<RecoveryCodes>> {
-    let recovery_codes = state
-        .identity
-        .totp_enable(&current.user, &body.code, &origin)
-        .await?;
+    let recovery_codes = state.identity.totp_enable(&current.user, &body.code, &origin).await?;
     Ok(Json(RecoveryCodes { recovery_codes }))
 }
 
@@ -104,29 +90,29 @@ pub async fn disable(
     current: CurrentUser,
     ApiJson(body): ApiJson<DisableRequest>,
 ) -> ApiResult<axum::http::StatusCode> {
-    state
-        .identity
-        .totp_disable(&current.user, &body.password, &body.code, &origin)
-        .await?;
+    state.identity.totp_disable(&current.user, &body.password, &body.code, &origin).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
-/// Replaces the recovery codes (needs a current code); the old ones stop working.
-#[utoipa::path(post, path = "/v1/me/2fa/recovery-codes", tag = "2fa", security(("bearer" = [])), request_body = CodeRequest,
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordRequest {
+    pub password: String,
+}
+
+/// Replaces the recovery codes (needs the password); the old ones stop working.
+#[utoipa::path(post, path = "/v1/me/2fa/recovery-codes", tag = "2fa", security(("bearer" = [])), request_body = PasswordRequest,
     responses(
         (status = 200, description = "The new recovery codes", body = RecoveryCodes),
-        (status = 401, description = "`invalid_mfa_code`", body = ErrorResponse),
+        (status = 401, description = "`invalid_credentials`", body = ErrorResponse),
         (status = 409, description = "`mfa_not_enabled`", body = ErrorResponse),
     ))]
 pub async fn regenerate_recovery_codes(
     State(state): State<AppState>,
     Origin(origin): Origin,
     current: CurrentUser,
-    ApiJson(body): ApiJson<CodeRequest>,
+    ApiJson(body): ApiJson<PasswordRequest>,
 ) -> ApiResult<Json<RecoveryCodes>> {
-    let recovery_codes = state
-        .identity
-        .regenerate_recovery_codes(&current.user, &body.code, &origin)
-        .await?;
+    let recovery_codes = state.identity.regenerate_recovery_codes(&current.user, &body.password, &origin).await?;
     Ok(Json(RecoveryCodes { recovery_codes }))
 }

@@ -29,11 +29,7 @@ pub async fn healthz() -> Json<Health> {
         (status = 503, description = "Database unreachable", body = ErrorResponse),
     ))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
-    state
-        .store
-        .ping()
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    state.store.ping().await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(Json(Health { status: "ready" }))
 }
 
@@ -41,10 +37,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiEr
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus metrics", content_type = "text/plain", body = String)))]
 pub async fn metrics() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render())
 }
 
 /// The public keys that verify access tokens (RFC 7517).
@@ -52,10 +45,7 @@ pub async fn metrics() -> impl IntoResponse {
     responses((status = 200, description = "JSON Web Key Set", body = Object)))]
 pub async fn jwks(State(state): State<AppState>) -> impl IntoResponse {
     // Short cache: a rotated key must show up well within an access token lifetime.
-    (
-        [(header::CACHE_CONTROL, "public, max-age=300")],
-        Json(state.tokens.jwks()),
-    )
+    ([(header::CACHE_CONTROL, "public, max-age=300")], Json(state.tokens.jwks()))
 }
 
 /// 404 in the error shape for unknown paths.

@@ -98,6 +98,12 @@ pub struct Accepted {
     pub status: &'static str,
 }
 
+impl Default for Accepted {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Accepted {
     pub fn new() -> Self {
         Self { status: "accepted" }

@@ -1,0 +1,10 @@
+//! HTTP tests against the real server. One module per URL area.
+
+mod helpers;
+mod smtp_sink;
+
+mod auth;
+mod me;
+mod mfa;
+mod ops;
+mod walk;

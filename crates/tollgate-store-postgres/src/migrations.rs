@@ -1,0 +1,59 @@
+//! Migrations embedded in the binary. Same versions and names as the SQLite store (a
+//! server test compares the lists). Embedded by hand rather than with
+//! `sqlx::migrate!`, which needs sqlx's `macros` feature and with it a second build
+//! of both database drivers for the proc-macro host.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+
+use sqlx::SqlSafeStr;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::postgres::PgPool;
+use tollgate_core::StoreError;
+
+/// (version, name, SQL)
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "identity", include_str!("../migrations/0001_identity.sql"))];
+
+#[derive(Debug)]
+struct Embedded;
+
+impl<'s> MigrationSource<'s> for Embedded {
+    fn resolve(self) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, sqlx::error::BoxDynError>> + Send + 's>> {
+        Box::pin(async {
+            Ok(MIGRATIONS
+                .iter()
+                .map(|(version, name, sql)| {
+                    Migration::new(*version, Cow::Borrowed(*name), MigrationType::Simple, sql.into_sql_str(), false)
+                })
+                .collect())
+        })
+    }
+}
+
+/// Applies pending migrations; returns the versions applied by this call. sqlx holds
+/// a PostgreSQL advisory lock while it migrates, so concurrent instances starting
+/// together apply each migration once.
+pub(crate) async fn run(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
+    let migrator = Migrator::new(Embedded).await.map_err(|e| StoreError::Internal(e.to_string()))?;
+    let before = applied(pool).await?;
+    migrator.run(pool).await.map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
+    let after = applied(pool).await?;
+    Ok(after.into_iter().filter(|v| !before.contains(v)).collect())
+}
+
+/// Versions recorded as applied (none before the first run creates the table).
+async fn applied(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
+    // Checked rather than letting the SELECT fail, which would log an error server-side.
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .map_err(crate::db_error)?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+        .fetch_all(pool)
+        .await
+        .map_err(crate::db_error)
+}
