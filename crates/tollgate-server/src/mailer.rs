@@ -151,3 +151,44 @@ mod tests {
         assert_eq!(backoff(20), Duration::from_secs(3600));
     }
 }
+
+#[cfg(test)]
+mod delivery_tests {
+    use std::sync::Arc;
+
+    use tollgate_core::Store;
+    use tollgate_core::audit::RequestOrigin;
+    use tollgate_core::identity::flows::Registration;
+    use tollgate_core::identity::password::HashCost;
+    use tollgate_core::identity::{Identity, IdentitySettings};
+    use tollgate_store_sqlite::SqliteStore;
+
+    use super::{Mailer, Transport};
+
+    /// An unreachable SMTP server leaves the email pending with one attempt counted,
+    /// to be retried after a backoff; nothing is lost.
+    #[tokio::test]
+    async fn unreachable_smtp_schedules_a_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&url).await.unwrap());
+        let settings = IdentitySettings {
+            hash_cost: HashCost { memory_kib: 64, iterations: 1, parallelism: 1 },
+            ..IdentitySettings::default()
+        };
+        let identity = Identity::new(store.clone(), settings).unwrap();
+        let registration = Registration {
+            email: "ada@example.com".into(),
+            password: "correct horse battery".into(),
+            ..Default::default()
+        };
+        identity.register(registration, &RequestOrigin::default()).await.unwrap();
+        // Port 9 (discard) on loopback: nothing listens there.
+        let mailer = Mailer::new(store.clone(), Transport::smtp("smtp://127.0.0.1:9", "T <t@t.test>").unwrap());
+        assert_eq!(mailer.deliver_due().await, 1);
+        assert_eq!(store.pending_email_count().await.unwrap(), 1, "still pending");
+        assert_eq!(mailer.deliver_due().await, 0, "not due again before the backoff");
+        let logger = Mailer::new(store.clone(), Transport::Log);
+        assert_eq!(logger.deliver_due().await, 0, "the lease is released, the retry time holds");
+    }
+}

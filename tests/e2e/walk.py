@@ -1,0 +1,183 @@
+"""End-to-end walk against the real `tollgate` binary, as a new user would take it.
+
+A local SMTP sink (aiosmtpd) receives the emails; tokens are read out of them. The
+access token is verified offline with PyJWT against the published JWKS, and TOTP
+codes are computed with pyotp: none of Tollgate's own code checks Tollgate here.
+
+Usage: walk.py BINARY [DATABASE_URL]   (default: SQLite in a temporary data dir)
+"""
+
+import email
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import jwt
+import pyotp
+import requests
+from aiosmtpd.controller import Controller
+
+PASSWORD = "correct horse battery staple"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sink:
+    def __init__(self):
+        self.messages = []
+
+    async def handle_DATA(self, server, session, envelope):
+        msg = email.message_from_bytes(envelope.content)
+        parts = [msg] if not msg.is_multipart() else [p for p in msg.walk() if not p.is_multipart()]
+        text = "\n".join(p.get_payload(decode=True).decode() for p in parts)
+        self.messages.append((envelope.rcpt_tos, text))
+        return "250 OK"
+
+    def wait_for(self, to, n, timeout=15):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            mine = [text for rcpts, text in self.messages if to in rcpts]
+            if len(mine) >= n:
+                return mine[n - 1]
+            time.sleep(0.05)
+        raise AssertionError(f"no email #{n} to {to}: {self.messages}")
+
+
+def token_in(text, path):
+    m = re.search(rf"/{path}\?token=([A-Za-z0-9_-]+)", text)
+    assert m, f"no {path} link in {text}"
+    return m.group(1)
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+    print(f"  ok  {what}")
+
+
+def main():
+    binary = os.path.abspath(sys.argv[1])
+    database_url = sys.argv[2] if len(sys.argv) > 2 else None
+    sink = Sink()
+    smtp = Controller(sink, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    data = tempfile.mkdtemp(prefix="tollgate-e2e-")
+    env = dict(
+        os.environ,
+        TOLLGATE_LISTEN=f"127.0.0.1:{port}",
+        TOLLGATE_DATA_DIR=data,
+        TOLLGATE_PUBLIC_URL=base,
+        TOLLGATE_SMTP_URL=f"smtp://127.0.0.1:{smtp.port}",
+        TOLLGATE_LOG="warn",
+    )
+    if database_url:
+        env["TOLLGATE_DATABASE_URL"] = database_url
+    print(f"walk on {database_url or 'SQLite'}")
+
+    out = subprocess.run([binary, "migrate"], env=env, capture_output=True, text=True, check=True).stdout
+    check("applied migrations" in out or "up to date" in out, f"tollgate migrate: {out.strip()}")
+    out = subprocess.run([binary, "migrate"], env=env, capture_output=True, text=True, check=True).stdout
+    check("up to date" in out, "a second migrate does nothing")
+
+    server = subprocess.Popen([binary, "serve"], env=env, cwd=data)
+    try:
+        for _ in range(100):
+            try:
+                if requests.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("server never became ready")
+        key_file = os.path.join(data, "signing-keys.json")
+        check(os.stat(key_file).st_mode & 0o777 == 0o600, "signing keys stored with 0600")
+
+        who = "e2e@example.com"
+        r = requests.post(f"{base}/v1/auth/register", json={"email": who.upper(), "password": PASSWORD, "locale": "fr"})
+        check(r.status_code == 201 and r.json()["user"]["email"] == who, "register (email normalised)")
+        mail = sink.wait_for(who, 1)
+        check("Bienvenue" in mail, "French verification email arrived over SMTP")
+        r = requests.post(f"{base}/v1/auth/login", json={"email": who, "password": PASSWORD})
+        check(r.status_code == 403 and r.json()["error"]["code"] == "email_not_verified", "unverified login refused")
+        r = requests.post(f"{base}/v1/auth/verify-email", json={"token": token_in(mail, "verify-email")})
+        check(r.status_code == 200 and r.json()["user"]["email_verified"], "email verified from the link")
+
+        r = requests.post(f"{base}/v1/auth/login", json={"email": who, "password": PASSWORD})
+        check(r.status_code == 200, "login")
+        access = r.json()["access_token"]
+        jwks = jwt.PyJWKSet.from_dict(requests.get(f"{base}/.well-known/jwks.json").json())
+        kid = jwt.get_unverified_header(access)["kid"]
+        key = next(k for k in jwks.keys if k.key_id == kid)
+        claims = jwt.decode(access, key=key, algorithms=["EdDSA"], issuer=base, options={"require": ["exp", "iat", "sub"]})
+        check(claims["sub"] == r.json()["user"]["id"] and {"sid", "acc", "role", "jti"} <= claims.keys(),
+              "access token verified offline with PyJWT against the JWKS")
+        bad = jwt.encode(dict(claims), "not-the-key", algorithm="HS256", headers={"kid": kid})
+        check(requests.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {bad}"}).status_code == 401,
+              "HS256-forged token refused")
+
+        auth = {"Authorization": f"Bearer {access}"}
+        setup = requests.post(f"{base}/v1/me/2fa/setup", headers=auth).json()
+        totp = pyotp.TOTP(setup["secret"])
+        check(setup["otpauth_uri"].startswith("otpauth://totp/") and "<svg" in setup["qr_svg"], "2FA setup with QR SVG")
+        r = requests.post(f"{base}/v1/me/2fa/enable", headers=auth, json={"code": totp.now()})
+        check(r.status_code == 200 and len(r.json()["recovery_codes"]) == 10, "2FA enabled with 10 recovery codes")
+        r = requests.post(f"{base}/v1/auth/login", json={"email": who, "password": PASSWORD}).json()
+        check(r["mfa_required"] and "access_token" not in r, "password alone now asks for the second factor")
+        code = totp.at(time.time() + 30)
+        r = requests.post(f"{base}/v1/auth/login/mfa", json={"mfa_token": r["mfa_token"], "code": code})
+        check(r.status_code == 200, "login with a TOTP code")
+        mfa_access, first_refresh = r.json()["access_token"], r.json()["refresh_token"]
+        again = requests.post(f"{base}/v1/auth/login", json={"email": who, "password": PASSWORD}).json()
+        r = requests.post(f"{base}/v1/auth/login/mfa", json={"mfa_token": again["mfa_token"], "code": code})
+        check(r.status_code == 401 and r.json()["error"]["code"] == "invalid_mfa_code", "the same TOTP code is refused")
+
+        r = requests.post(f"{base}/v1/auth/refresh", json={"refresh_token": first_refresh})
+        check(r.status_code == 200 and r.json()["refresh_token"] != first_refresh, "refresh rotates")
+        new_access = r.json()["access_token"]
+        r = requests.post(f"{base}/v1/auth/refresh", json={"refresh_token": first_refresh})
+        check(r.status_code == 401 and r.json()["error"]["code"] == "refresh_token_reused", "replayed refresh token")
+        for t in (mfa_access, new_access):
+            check(requests.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {t}"}).status_code == 401,
+                  "the replay killed the session at once")
+
+        requests.post(f"{base}/v1/auth/password/forgot", json={"email": who})
+        reset = token_in(sink.wait_for(who, 2), "reset-password")
+        r = requests.post(f"{base}/v1/auth/password/reset", json={"token": reset, "password": "a whole new passphrase"})
+        check(r.status_code == 200, "password reset from the emailed link")
+        r = requests.post(f"{base}/v1/auth/password/reset", json={"token": reset, "password": "and another one again"})
+        check(r.status_code == 400, "the reset link works once")
+        check(requests.get(f"{base}/v1/me", headers=auth).status_code == 401, "reset ended every session")
+        r = requests.post(f"{base}/v1/auth/login", json={"email": who, "password": "a whole new passphrase"})
+        check(r.status_code == 200 and r.json()["mfa_required"], "login with the new password (2FA kept)")
+
+        out = subprocess.run([binary, "admin", "create", "--email", "root@example.com"], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        link = re.search(r"reset-password\?token=([A-Za-z0-9_-]+)", out)
+        check(link is not None, "admin create prints a one-time link")
+        r = requests.post(f"{base}/v1/auth/password/reset", json={"token": link.group(1), "password": "admin passphrase 1"})
+        check(r.status_code == 200, "the link sets the admin's password")
+        r = requests.post(f"{base}/v1/auth/login", json={"email": "root@example.com", "password": "admin passphrase 1"})
+        role = jwt.decode(r.json()["access_token"], options={"verify_signature": False})["role"]
+        check(role == "admin", "the admin signs in with role admin")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=30)
+        smtp.stop()
+    check(code == 0, "SIGTERM: graceful shutdown, exit 0")
+    print("walk passed")
+
+
+if __name__ == "__main__":
+    main()
