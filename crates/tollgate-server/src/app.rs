@@ -21,7 +21,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ApiError, rate_limit_headers};
-use crate::routes::{auth, me, mfa, ops};
+use crate::routes::{auth, me, mfa, ops, pages};
 use crate::state::AppState;
 
 /// Largest accepted request body.
@@ -36,6 +36,7 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
         (name = "me", description = "The signed-in user"),
         (name = "2fa", description = "Two-factor authentication (TOTP)"),
         (name = "operations", description = "Health, metrics, keys"),
+        (name = "pages", description = "HTML pages behind the links in emails"),
     )
 )]
 struct ApiDoc;
@@ -81,7 +82,12 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::jwks));
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(auth).merge(me).merge(operations)
+    // The pages behind emailed links share the auth group's per-ip limit.
+    let pages = OpenApiRouter::new()
+        .routes(routes!(pages::verify_email))
+        .routes(routes!(pages::reset_password_form, pages::reset_password))
+        .route_layer(middleware::from_fn_with_state(state.clone(), limit_auth_by_ip));
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(auth).merge(me).merge(operations).merge(pages)
 }
 
 /// The OpenAPI 3.1 document served at `/openapi.json`.

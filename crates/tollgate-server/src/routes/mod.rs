@@ -5,4 +5,5 @@ pub mod auth;
 pub mod me;
 pub mod mfa;
 pub mod ops;
+pub mod pages;
 pub mod views;

@@ -7,4 +7,5 @@ mod auth;
 mod me;
 mod mfa;
 mod ops;
+mod pages;
 mod walk;
