@@ -99,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("stopped");
         }
         Command::Migrate => {
-            std::fs::create_dir_all(&config.data_dir).ok();
+            server::create_private_dir(&config.data_dir)?;
             let applied = server::migrate(&config.database_url).await?;
             if applied.is_empty() {
                 println!("database is up to date");

@@ -41,6 +41,19 @@ fn sqlite_path(url: &str) -> Option<&Path> {
     (!path.is_empty() && path != ":memory:").then(|| Path::new(path))
 }
 
+/// Creates the data directory readable by its owner only (it holds the database with
+/// password hashes, and the signing keys). An existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).with_context(|| format!("creating data directory {}", dir.display()))
+}
+
 /// Applies pending migrations; returns the versions applied.
 pub async fn migrate(url: &str) -> anyhow::Result<Vec<i64>> {
     if url.starts_with("sqlite:") {
@@ -62,8 +75,7 @@ pub fn identity_settings(config: &Config) -> IdentitySettings {
 
 /// Builds the state the router needs.
 pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    create_private_dir(&config.data_dir)?;
     let store = open_store(&config.database_url).await?;
     let identity = Identity::new(store.clone(), identity_settings(&config)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let tokens =
