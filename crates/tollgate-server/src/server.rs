@@ -27,7 +27,7 @@ pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
         if let Some(dir) = sqlite_path(url).and_then(|p| p.parent().map(Path::to_path_buf))
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            create_private_dir(&dir)?;
         }
         Ok(Arc::new(SqliteStore::open(url).await.context("opening SQLite")?))
     } else {
