@@ -131,7 +131,7 @@ def main():
         setup = requests.post(f"{base}/v1/me/2fa/setup", headers=auth).json()
         totp = pyotp.TOTP(setup["secret"])
         check(setup["otpauth_uri"].startswith("otpauth://totp/") and "<svg" in setup["qr_svg"], "2FA setup with QR SVG")
-        r = requests.post(f"{base}/v1/me/2fa/enable", headers=auth, json={"code": totp.now()})
+        r = requests.post(f"{base}/v1/me/2fa/enable", headers=auth, json={"password": PASSWORD, "code": totp.now()})
         check(r.status_code == 200 and len(r.json()["recovery_codes"]) == 10, "2FA enabled with 10 recovery codes")
         r = requests.post(f"{base}/v1/auth/login", json={"email": who, "password": PASSWORD}).json()
         check(r["mfa_required"] and "access_token" not in r, "password alone now asks for the second factor")

@@ -37,6 +37,7 @@ macro_rules! conformance_tests {
             session_with_user_and_touch, totp_lifecycle, totp_step_accepted_once_concurrently,
             recovery_codes_single_use, admin_upsert, audit_is_recorded_and_filtered,
             outbox_claim_lease_and_outcomes, concurrent_refresh_rotates_once, token_requires_existing_user,
+            magic_login_drops_unproven_credentials, mfa_login_verifies_nothing, security_changes_end_outstanding_links,
         );
     };
     (@expand $make:expr; $($name:ident),+ $(,)?) => {
@@ -199,7 +200,7 @@ pub async fn token_redeems_once(store: Arc<dyn Store>) {
                     &digest,
                     TokenPurpose::MagicLink,
                     now,
-                    TokenEffect::StartSession(s),
+                    TokenEffect::MagicLogin(s),
                     audit("login.succeeded", now),
                 )
                 .await
@@ -617,4 +618,91 @@ pub async fn outbox_claim_lease_and_outcomes(store: Arc<dyn Store>) {
     assert_eq!(reclaimed[0].id, first[0].id);
     store.finish_email(reclaimed[0].id, EmailOutcome::Logged, now).await.unwrap();
     assert_eq!(store.pending_email_count().await.unwrap(), 0);
+}
+
+async fn issue(store: &Arc<dyn Store>, purpose: TokenPurpose, user: UserId, now: Timestamp) -> SecretToken {
+    let (secret, tok) = token(purpose, user, now, Duration::hours(1));
+    store.issue_token(NewOneTimeToken { token: tok, email: None }).await.unwrap();
+    secret
+}
+
+pub async fn magic_login_drops_unproven_credentials(store: Arc<dyn Store>) {
+    let now = t0();
+    // Someone registered Ada's address with their own password and 2FA, and signed in
+    // (possible when verification is not required).
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
+    store.set_totp_secret(user.id, "S".into(), now).await.unwrap();
+    store.enable_totp(user.id, 1, vec![TokenDigest::of("c")], audit("m", now)).await.unwrap();
+    let (_, s) = session_for(user.id, now);
+    let squatter = store.create_session(s, audit("l", now)).await.unwrap();
+    // Ada follows a magic link: the first proof of the mailbox.
+    let secret = issue(&store, TokenPurpose::MagicLink, user.id, now).await;
+    let (_, s) = session_for(user.id, now);
+    let r = store
+        .redeem_token(&secret.digest(), TokenPurpose::MagicLink, now, TokenEffect::MagicLogin(s), audit("l", now))
+        .await
+        .unwrap();
+    assert!(r.user.email_verified_at.is_some());
+    assert!(r.user.password_hash.is_none(), "the squatter's password is gone");
+    assert!(!r.user.totp_enabled() && r.user.totp_secret.is_none(), "and their 2FA");
+    assert_eq!(store.unused_recovery_codes(user.id).await.unwrap(), 0);
+    let live: Vec<_> = store.list_sessions(user.id, now).await.unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(live, vec![r.session.unwrap().id], "the squatter's session ended");
+    assert!(!live.contains(&squatter.id));
+    // For a verified address, a magic link keeps the password.
+    store.change_password(user.id, "chosen-by-ada".into(), None, audit("p", now)).await.unwrap();
+    let secret = issue(&store, TokenPurpose::MagicLink, user.id, now).await;
+    let (_, s) = session_for(user.id, now);
+    let r = store
+        .redeem_token(&secret.digest(), TokenPurpose::MagicLink, now, TokenEffect::MagicLogin(s), audit("l", now))
+        .await
+        .unwrap();
+    assert_eq!(r.user.password_hash.as_deref(), Some("chosen-by-ada"));
+}
+
+pub async fn mfa_login_verifies_nothing(store: Arc<dyn Store>) {
+    let now = t0();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
+    let secret = issue(&store, TokenPurpose::MfaLogin, user.id, now).await;
+    let (_, s) = session_for(user.id, now);
+    let r = store
+        .redeem_token(&secret.digest(), TokenPurpose::MfaLogin, now, TokenEffect::MfaLogin(s), audit("l", now))
+        .await
+        .unwrap();
+    assert!(r.session.is_some());
+    assert!(r.user.email_verified_at.is_none(), "a second factor proves nothing about the mailbox");
+    assert_eq!(r.user.password_hash.as_deref(), Some("$argon2id$fake"));
+}
+
+pub async fn security_changes_end_outstanding_links(store: Arc<dyn Store>) {
+    let now = t0();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
+    let live = |purpose, secret: SecretToken| {
+        let store = store.clone();
+        async move { store.peek_token(&secret.digest(), purpose, now).await.unwrap().is_some() }
+    };
+    // A password change ends reset and magic links sent before it.
+    let reset = issue(&store, TokenPurpose::PasswordReset, user.id, now).await;
+    let magic = issue(&store, TokenPurpose::MagicLink, user.id, now).await;
+    let verify = issue(&store, TokenPurpose::VerifyEmail, user.id, now).await;
+    store.change_password(user.id, "new".into(), None, audit("p", now)).await.unwrap();
+    assert!(!live(TokenPurpose::PasswordReset, reset).await);
+    assert!(!live(TokenPurpose::MagicLink, magic).await);
+    assert!(live(TokenPurpose::VerifyEmail, verify).await, "verification links are not credentials");
+    // An email change ends links sent to the old address.
+    let magic = issue(&store, TokenPurpose::MagicLink, user.id, now).await;
+    let (change, mut tok) = token(TokenPurpose::ChangeEmail, user.id, now, Duration::hours(1));
+    tok.new_email = Some(EmailAddress::parse("ada@new.example").unwrap());
+    store.issue_token(NewOneTimeToken { token: tok, email: None }).await.unwrap();
+    store
+        .redeem_token(&change.digest(), TokenPurpose::ChangeEmail, now, TokenEffect::ChangeEmail, audit("e", now))
+        .await
+        .unwrap();
+    assert!(!live(TokenPurpose::MagicLink, magic).await);
+    // A reset ends the other links too.
+    let first = issue(&store, TokenPurpose::PasswordReset, user.id, now).await;
+    let second = issue(&store, TokenPurpose::PasswordReset, user.id, now).await;
+    let effect = TokenEffect::ResetPassword { password_hash: "h".into() };
+    store.redeem_token(&first.digest(), TokenPurpose::PasswordReset, now, effect, audit("r", now)).await.unwrap();
+    assert!(!live(TokenPurpose::PasswordReset, second).await);
 }

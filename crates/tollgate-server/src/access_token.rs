@@ -146,6 +146,9 @@ fn write_private(path: &Path, file: &KeyFile) -> anyhow::Result<()> {
     #[cfg(unix)]
     options.mode(0o600);
     let mut f = options.open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    // `mode` applies only to a file it creates: a leftover temp file keeps its own.
+    #[cfg(unix)]
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     f.write_all(serde_json::to_string_pretty(file)?.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -153,6 +156,18 @@ fn write_private(path: &Path, file: &KeyFile) -> anyhow::Result<()> {
 }
 
 fn read_file(path: &Path) -> anyhow::Result<KeyFile> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            anyhow::bail!(
+                "{} is readable by other users (mode {:o}); run chmod 600 on it",
+                path.display(),
+                mode & 0o777
+            );
+        }
+    }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
@@ -260,6 +275,11 @@ impl AccessTokens {
         let kid = header.kid.ok_or(TokenError::UnknownKey)?;
         let set = self.current();
         let key = set.keys.iter().find(|k| k.kid == kid).ok_or(TokenError::UnknownKey)?;
+        // A retired key verifies only while tokens it signed can still be alive; after
+        // an emergency rotation a leaked key stops working within one lifetime.
+        if key.retired_at.is_some_and(|r| OffsetDateTime::now_utc() - r > self.retired_key_grace()) {
+            return Err(TokenError::UnknownKey);
+        }
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[&self.issuer]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
@@ -272,16 +292,22 @@ impl AccessTokens {
         })
     }
 
+    /// How long a retired key stays trusted and published: one token lifetime plus a
+    /// minute of clock skew.
+    fn retired_key_grace(&self) -> time::Duration {
+        time::Duration::try_from(self.ttl).unwrap_or(time::Duration::MAX).saturating_add(time::Duration::seconds(60))
+    }
+
     /// The public keys to publish: the active one and those retired less than one
     /// token lifetime ago.
     pub fn jwks(&self) -> serde_json::Value {
         let now = OffsetDateTime::now_utc();
-        let ttl = time::Duration::try_from(self.ttl).unwrap_or(time::Duration::MAX);
+        let grace = self.retired_key_grace();
         let keys: Vec<serde_json::Value> = self
             .current()
             .keys
             .iter()
-            .filter(|k| k.retired_at.is_none_or(|r| now - r <= ttl + time::Duration::seconds(60)))
+            .filter(|k| k.retired_at.is_none_or(|r| now - r <= grace))
             .map(|k| serde_json::json!({ "kty": "OKP", "crv": "Ed25519", "x": k.x, "kid": k.kid, "alg": "EdDSA", "use": "sig" }))
             .collect();
         serde_json::json!({ "keys": keys })
@@ -383,5 +409,28 @@ mod tests {
         assert!(tokens.verify(&before).is_ok(), "tokens of the retired key stay valid");
         let after = tokens.issue(&user, &session).unwrap();
         assert_eq!(jsonwebtoken::decode_header(&after).unwrap().kid.unwrap(), new_kid);
+
+        // Once the retired key is older than a token lifetime, it neither verifies nor
+        // is published (simulated by back-dating its retirement).
+        let mut file = read_file(&path).unwrap();
+        file.keys[0].retired_at = Some(OffsetDateTime::now_utc() - time::Duration::hours(1));
+        std::thread::sleep(Duration::from_millis(20));
+        write_private(&path, &file).unwrap();
+        assert!(tokens.reload_if_changed().unwrap());
+        assert_eq!(tokens.verify(&before), Err(TokenError::UnknownKey));
+        assert_eq!(tokens.jwks()["keys"].as_array().unwrap().len(), 1);
+        assert!(tokens.verify(&after).is_ok());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        AccessTokens::load_or_create(&path, "iss", Duration::from_secs(900)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = AccessTokens::load_or_create(&path, "iss", Duration::from_secs(900)).err().unwrap();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
     }
 }

@@ -2,7 +2,7 @@
 //! the layers every request passes through. The OpenAPI document is generated from
 //! the same route list, so it cannot miss a route.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use axum::Router;
@@ -117,13 +117,28 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The rate-limit identity of a client address: IPv4 as is, IPv6 by its /64, since
+/// one end site usually holds a whole /64 and could otherwise rotate addresses.
+fn client_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
 /// Every auth endpoint counts against the client ip's budget.
 async fn limit_auth_by_ip(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let ip = request
+    let client = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string());
-    let decision = state.limiter.hit(&format!("auth-ip:{ip}"), state.config.auth.ip_limit, 1);
+        .map_or_else(|| "unknown".to_owned(), |c| client_key(c.0.ip()));
+    let decision = state.limiter.hit(&format!("auth-ip:{client}"), state.config.auth.ip_limit, 1);
     if !decision.allowed {
         return ApiError::RateLimited {
             retry_after: decision.retry_after.unwrap_or(Duration::from_secs(1)),
@@ -135,4 +150,20 @@ async fn limit_auth_by_ip(State(state): State<AppState>, request: Request, next:
     let mut response = next.run(request).await;
     rate_limit_headers(response.headers_mut(), decision.limit, decision.remaining, decision.reset_after, None);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_key;
+
+    #[test]
+    fn ipv6_clients_are_limited_per_64() {
+        assert_eq!(client_key("203.0.113.7".parse().unwrap()), "203.0.113.7");
+        assert_eq!(client_key("::ffff:203.0.113.7".parse().unwrap()), "203.0.113.7");
+        let a = client_key("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = client_key("2001:db8:1:2:bbbb:cccc::9".parse().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(a, "2001:db8:1:2::/64");
+        assert_ne!(a, client_key("2001:db8:1:3::1".parse().unwrap()));
+    }
 }

@@ -44,6 +44,8 @@ pub struct AuthConfig {
     pub ip_limit: RateLimit,
     /// Failed logins (and second-factor attempts) per email address.
     pub failed_login_limit: RateLimit,
+    /// Emails (reset, magic link, verification) requested per address.
+    pub email_limit: RateLimit,
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +80,7 @@ struct FileAuth {
     password_hash: Option<HashCost>,
     ip_limit: Option<RateLimit>,
     failed_login_limit: Option<RateLimit>,
+    email_limit: Option<RateLimit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +196,11 @@ impl Config {
                 file.auth.failed_login_limit,
                 RateLimit::per(10, Duration::from_secs(3600)),
             )?,
+            email_limit: limit(
+                "TOLLGATE_AUTH_EMAIL_LIMIT",
+                file.auth.email_limit,
+                RateLimit::per(5, Duration::from_secs(3600)),
+            )?,
         };
         let smtp = match (env("TOLLGATE_SMTP_URL"), file.smtp) {
             (Some(url), file_smtp) => Some(SmtpConfig {
@@ -212,8 +220,33 @@ impl Config {
         {
             bail!("TOLLGATE_SMTP_URL must start with smtp:// or smtps://");
         }
+        if let Some(smtp) = &smtp
+            && plain_smtp_leaves_the_machine(&smtp.url)
+        {
+            bail!(
+                "TOLLGATE_SMTP_URL: plain smtp:// sends passwords and emailed links unencrypted; \
+                 use smtps://, add ?tls=required, or point it at a relay on loopback"
+            );
+        }
         Ok(Self { listen, data_dir, database_url, public_url, log_format, auth, smtp, signing_key_file })
     }
+}
+
+/// True for `smtp://` without `tls=required` to a host other than loopback.
+fn plain_smtp_leaves_the_machine(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("smtp://") else { return false };
+    if rest.contains("tls=required") {
+        return false;
+    }
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = if let Some(bracketed) = host_port.strip_prefix('[') {
+        bracketed.split(']').next().unwrap_or_default()
+    } else {
+        host_port.split(':').next().unwrap_or_default()
+    };
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 /// `"100/60"`: 100 requests per 60 seconds.
@@ -283,6 +316,20 @@ mod tests {
     }
 
     #[test]
+    fn plain_smtp_only_on_loopback() {
+        for ok in [
+            "smtp://127.0.0.1:2525",
+            "smtp://localhost",
+            "smtp://[::1]:25",
+            "smtps://u:p@mail.example.com",
+            "smtp://u:p@mail.example.com:587?tls=required",
+        ] {
+            assert!(!plain_smtp_leaves_the_machine(ok), "{ok}");
+        }
+        assert!(plain_smtp_leaves_the_machine("smtp://u:p@mail.example.com:25"));
+    }
+
+    #[test]
     fn typos_and_bad_values_are_errors() {
         assert!(toml::from_str::<FileConfig>("listn = \"x\"").is_err());
         for (k, v) in [
@@ -291,6 +338,8 @@ mod tests {
             ("TOLLGATE_AUTH_IP_LIMIT", "10"),
             ("TOLLGATE_SMTP_URL", "http://x"),
             ("TOLLGATE_REQUIRE_VERIFIED_EMAIL", "maybe"),
+            ("TOLLGATE_SMTP_URL", "smtp://user:pass@mail.example.com:25"),
+            ("TOLLGATE_SMTP_URL", "smtp://mail.example.com"),
         ] {
             assert!(Config::resolve(FileConfig::default(), &env_of(&[(k, v)])).is_err(), "{k}={v}");
         }

@@ -53,6 +53,17 @@ impl MemoryRateLimiter {
         decision
     }
 
+    /// Gives back `cost` counted by an earlier `hit` (an attempt that turned out not to
+    /// count, e.g. a login that succeeded). Never below "full burst".
+    pub fn refund(&self, key: &str, limit: RateLimit, cost: u32) {
+        let now = self.now();
+        let mut map = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tat) = map.get_mut(key) {
+            let interval = i128::from(limit.window_seconds) * 1_000_000_000 / i128::from(limit.requests.max(1));
+            *tat = (*tat - interval * i128::from(cost)).max(now);
+        }
+    }
+
     /// Would a request of cost 1 be allowed now? Counts nothing.
     pub fn peek(&self, key: &str, limit: RateLimit) -> Decision {
         let now = self.now();
@@ -77,5 +88,19 @@ mod tests {
         assert!(!limiter.hit("a", limit, 1).allowed);
         assert!(!limiter.peek("a", limit).allowed);
         assert!(limiter.hit("b", limit, 1).allowed);
+    }
+
+    #[test]
+    fn refund_gives_back_a_hit() {
+        let limiter = MemoryRateLimiter::default();
+        let limit = RateLimit::per(1, Duration::from_secs(3600));
+        assert!(limiter.hit("a", limit, 1).allowed);
+        assert!(!limiter.peek("a", limit).allowed);
+        limiter.refund("a", limit, 1);
+        assert!(limiter.hit("a", limit, 1).allowed);
+        // Refunding more than was used does not bank extra requests.
+        limiter.refund("a", limit, 5);
+        assert!(limiter.hit("a", limit, 1).allowed);
+        assert!(!limiter.hit("a", limit, 1).allowed);
     }
 }

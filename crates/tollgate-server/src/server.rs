@@ -118,7 +118,15 @@ impl Running {
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let transport = match &config.smtp {
         Some(smtp) => Transport::smtp(&smtp.url, &smtp.from)?,
-        None => Transport::Log,
+        None => {
+            if !config.listen.ip().is_loopback() {
+                tracing::warn!(
+                    "no SMTP configured: emails, with their sign-in and reset links, go to the log; \
+                     set TOLLGATE_SMTP_URL before exposing Tollgate beyond this machine"
+                );
+            }
+            Transport::Log
+        }
     };
     let listen = config.listen;
     let state = build_state(config).await?;

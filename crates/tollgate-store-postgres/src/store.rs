@@ -223,6 +223,48 @@ async fn replace_codes(
     Ok(())
 }
 
+fn check_session_owner(session: &NewSession, token_user: UserId) -> Result<(), StoreError> {
+    if session.user_id == token_user {
+        Ok(())
+    } else {
+        Err(StoreError::Internal("session for another user than the token's".into()))
+    }
+}
+
+/// Marks every unused reset, magic, email-change and MFA link of the user used.
+async fn end_outstanding_links(conn: &mut PgConnection, user: UserId, now: Timestamp) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE one_time_tokens SET used_at = $2 WHERE user_id = $1 AND used_at IS NULL \
+           AND purpose IN ('password_reset', 'magic_link', 'change_email', 'mfa_login')",
+    )
+    .bind(user.0)
+    .bind(now)
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// On the first proof of mailbox ownership, forgets what an unproven registrant set:
+/// the password, 2FA, recovery codes and sessions (see `TokenEffect`). A no-op for a
+/// verified address.
+async fn drop_unproven_credentials(conn: &mut PgConnection, user: UserId, now: Timestamp) -> Result<(), StoreError> {
+    let done = sqlx::query(
+        "UPDATE users SET password_hash = NULL, totp_secret = NULL, totp_enabled_at = NULL, totp_last_step = NULL, \
+           updated_at = $2 WHERE id = $1 AND email_verified_at IS NULL",
+    )
+    .bind(user.0)
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    if done.rows_affected() == 1 {
+        replace_codes(conn, user, &[], now).await?;
+        revoke_all(conn, user, None, now).await?;
+    }
+    Ok(())
+}
+
 fn with_target(mut audit: AuditEvent, user: UserId) -> AuditEvent {
     if audit.target_id.is_none() {
         audit = audit.target_user(user);
@@ -355,6 +397,7 @@ impl Store for PgStore {
             return Err(StoreError::NotFound);
         }
         revoke_all(&mut tx, id, keep, now).await?;
+        end_outstanding_links(&mut tx, id, now).await?;
         insert_audit(&mut tx, &with_target(audit, id)).await?;
         tx.commit().await.map_err(db_error)
     }
@@ -434,8 +477,10 @@ impl Store for PgStore {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_error)?;
+                end_outstanding_links(&mut tx, user_id, now).await?;
             }
             TokenEffect::ResetPassword { password_hash } => {
+                drop_unproven_credentials(&mut tx, user_id, now).await?;
                 sqlx::query("UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1")
                     .bind(user_id.0)
                     .bind(password_hash)
@@ -445,14 +490,19 @@ impl Store for PgStore {
                     .map_err(db_error)?;
                 mark_verified(&mut tx, user_id, now).await?;
                 revoke_all(&mut tx, user_id, None, now).await?;
+                end_outstanding_links(&mut tx, user_id, now).await?;
             }
-            TokenEffect::StartSession(new_session) => {
-                if new_session.user_id != user_id {
-                    return Err(StoreError::Internal("session for another user than the token's".into()));
-                }
+            TokenEffect::MagicLogin(new_session) => {
+                check_session_owner(&new_session, user_id)?;
+                drop_unproven_credentials(&mut tx, user_id, now).await?;
                 mark_verified(&mut tx, user_id, now).await?;
                 session = Some(insert_session(&mut tx, &new_session).await?);
             }
+            TokenEffect::MfaLogin(new_session) => {
+                check_session_owner(&new_session, user_id)?;
+                session = Some(insert_session(&mut tx, &new_session).await?);
+            }
+            TokenEffect::Consume => {}
         }
         insert_audit(&mut tx, &with_target(audit, user_id)).await?;
         let user = fetch_user(&mut tx, user_id).await?.ok_or(StoreError::NotFound)?;
@@ -769,10 +819,14 @@ impl Store for PgStore {
             EmailOutcome::Failed { error } => (EmailStatus::Failed, None, Some(error)),
         };
         let delivered = matches!(status, EmailStatus::Sent | EmailStatus::Logged);
+        // Once an email is no longer pending its body (which holds a live link) is blanked:
+        // the database keeps token digests only, not usable links.
         sqlx::query(
             "UPDATE email_outbox SET status = $2, attempts = attempts + 1, claimed_until = NULL, \
                next_attempt_at = COALESCE($3, next_attempt_at), last_error = COALESCE($4, last_error), \
-               sent_at = CASE WHEN $5 THEN $6 ELSE sent_at END \
+               sent_at = CASE WHEN $5 THEN $6 ELSE sent_at END, \
+               text_body = CASE WHEN $2 = 'pending' THEN text_body ELSE '' END, \
+               html_body = CASE WHEN $2 = 'pending' THEN html_body ELSE '' END \
              WHERE id = $1",
         )
         .bind(id.0)

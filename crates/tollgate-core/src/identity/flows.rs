@@ -509,7 +509,7 @@ impl Identity {
             .meta("method", method);
         let redeemed = self
             .store
-            .redeem_token(&digest, TokenPurpose::MfaLogin, now, TokenEffect::StartSession(new_session), audit)
+            .redeem_token(&digest, TokenPurpose::MfaLogin, now, TokenEffect::MfaLogin(new_session), audit)
             .await
             .map_err(redeem_error)?;
         let session = redeemed.session.ok_or_else(|| IdentityError::Internal("no session opened".into()))?;
@@ -617,18 +617,20 @@ impl Identity {
         Ok(redeemed.user)
     }
 
-    /// Signs in with a magic link. A user with 2FA still has to give a second factor.
+    /// Signs in with a magic link. A verified user with 2FA still has to give a second
+    /// factor; for an unverified address the link is the first proof of ownership, so
+    /// it replaces whatever credentials the registrant set (see `TokenEffect`).
     pub async fn verify_magic_link(&self, token: &str, origin: &RequestOrigin) -> Result<LoginOutcome, IdentityError> {
         let digest = TokenDigest::of(token);
         let now = now();
         let live =
             self.store.peek_token(&digest, TokenPurpose::MagicLink, now).await?.ok_or(IdentityError::InvalidToken)?;
         let user = self.store.user_by_id(live.user_id).await?.ok_or(IdentityError::InvalidToken)?;
-        if user.totp_enabled() {
+        if user.totp_enabled() && user.email_verified_at.is_some() {
             let audit = AuditEvent::new(Actor::User(user.id), "magic_link.used", origin, now).target_user(user.id);
             let redeemed = self
                 .store
-                .redeem_token(&digest, TokenPurpose::MagicLink, now, TokenEffect::VerifyEmail, audit)
+                .redeem_token(&digest, TokenPurpose::MagicLink, now, TokenEffect::Consume, audit)
                 .await
                 .map_err(redeem_error)?;
             return self.require_second_factor(&redeemed.user, now).await;
@@ -639,7 +641,7 @@ impl Identity {
             .meta("method", "magic_link");
         let redeemed = self
             .store
-            .redeem_token(&digest, TokenPurpose::MagicLink, now, TokenEffect::StartSession(new_session), audit)
+            .redeem_token(&digest, TokenPurpose::MagicLink, now, TokenEffect::MagicLogin(new_session), audit)
             .await
             .map_err(redeem_error)?;
         let session = redeemed.session.ok_or_else(|| IdentityError::Internal("no session opened".into()))?;
@@ -741,16 +743,19 @@ impl Identity {
     }
 
     /// Turns 2FA on once the user proves the secret with a code; returns the recovery
-    /// codes, shown this once.
+    /// codes, shown this once. Needs the password too: with a stolen access token alone
+    /// nobody can lock the owner out behind an authenticator of their own.
     pub async fn totp_enable(
         &self,
         user: &User,
+        password: &str,
         code: &str,
         origin: &RequestOrigin,
     ) -> Result<Vec<String>, IdentityError> {
         if user.totp_enabled() {
             return Err(IdentityError::MfaAlreadyEnabled);
         }
+        self.check_password(user, password).await?;
         let secret = user.totp_secret.as_deref().ok_or(IdentityError::MfaNotSetUp)?;
         let now = now();
         let step =

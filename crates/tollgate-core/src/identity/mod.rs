@@ -200,16 +200,28 @@ pub struct OneTimeToken {
 }
 
 /// What redeeming a one-time token does, in the same transaction that marks it used.
+///
+/// Two rules hold across effects:
+/// - **Proof of the mailbox beats earlier credentials.** When a magic link or reset
+///   link is the first proof that the user owns the address, credentials chosen before
+///   that proof (password for a magic link, 2FA, sessions) are dropped: whoever
+///   registered the address had not shown they own it (account pre-hijacking).
+/// - **Security changes end outstanding links.** Changing the email or the password
+///   marks every other unused link of the user used.
 #[derive(Clone, Debug)]
 pub enum TokenEffect {
-    /// Marks the user's email verified.
+    /// Marks the user's email verified (the registrant proved the mailbox).
     VerifyEmail,
     /// Replaces the email with the token's `new_email` (verified).
     ChangeEmail,
     /// Sets the password, marks the email verified and ends every session.
     ResetPassword { password_hash: String },
-    /// Marks the email verified and opens a session (magic link, second factor).
-    StartSession(NewSession),
+    /// Marks the email verified and opens a session.
+    MagicLogin(NewSession),
+    /// Opens a session: the second step of a login. Verifies nothing.
+    MfaLogin(NewSession),
+    /// Only uses the token up (a magic link whose login continues with a second factor).
+    Consume,
 }
 
 /// The user after a redemption, and the session it opened if any.

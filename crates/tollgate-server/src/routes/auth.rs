@@ -11,6 +11,7 @@ use tollgate_core::identity::IdentityError;
 use tollgate_core::identity::flows::{LoginOutcome, Registration, SecondFactor, SignedIn};
 use utoipa::ToSchema;
 
+use super::attempts::{code_key, limited_attempt, password_key};
 use super::views::{Accepted, ErrorResponse, UserView};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, CurrentUser, Origin};
@@ -80,11 +81,18 @@ pub struct EmailRequest {
 }
 
 /// Runs `work` in the background so that the answer, and its timing, are the same
-/// whether the address is registered or not.
-fn in_background<F>(what: &'static str, work: F)
+/// whether the address is registered or not. Each address gets a few such emails per
+/// window (`email_limit`); past that the request is still answered 202 but sends
+/// nothing, so nobody can flood a mailbox through Tollgate.
+fn email_in_background<F>(state: &AppState, email: &str, what: &'static str, work: F)
 where
     F: Future<Output = Result<(), IdentityError>> + Send + 'static,
 {
+    let key = format!("mail:{}", email.trim().to_lowercase().chars().take(254).collect::<String>());
+    if !state.limiter.hit(&key, state.config.auth.email_limit, 1).allowed {
+        tracing::info!("{what}: per-address email limit reached; nothing sent");
+        return;
+    }
     tokio::spawn(async move {
         if let Err(e) = work.await {
             tracing::warn!(error = %e, "{what} failed");
@@ -100,7 +108,10 @@ pub async fn resend_verification(
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> (StatusCode, Json<Accepted>) {
     let identity = state.identity.clone();
-    in_background("resending verification", async move { identity.resend_verification(&body.email).await });
+    let email = body.email.clone();
+    email_in_background(&state, &body.email, "resending verification", async move {
+        identity.resend_verification(&email).await
+    });
     (StatusCode::ACCEPTED, Json(Accepted::new()))
 }
 
@@ -162,16 +173,6 @@ fn login_response(state: &AppState, outcome: LoginOutcome) -> ApiResult<LoginRes
     }
 }
 
-/// The failed-login counter key: the address as typed, normalised, so that unknown
-/// and known addresses are limited alike.
-fn failed_login_key(email: &str) -> String {
-    format!("login:{}", email.trim().to_lowercase().chars().take(254).collect::<String>())
-}
-
-fn limited(d: tollgate_core::ratelimit::Decision) -> ApiError {
-    ApiError::RateLimited { retry_after: d.retry_after.unwrap_or_default(), limit: d.limit, reset_after: d.reset_after }
-}
-
 /// Password login. Wrong email and wrong password get the same answer in the same time.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses(
@@ -185,21 +186,9 @@ pub async fn login(
     Origin(origin): Origin,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> ApiResult<Json<LoginResponse>> {
-    let key = failed_login_key(&body.email);
-    let limit = state.config.auth.failed_login_limit;
-    let peek = state.limiter.peek(&key, limit);
-    if !peek.allowed {
-        return Err(limited(peek));
-    }
-    match state.identity.login(&body.email, &body.password, &origin).await {
-        Ok(outcome) => Ok(Json(login_response(&state, outcome)?)),
-        Err(e) => {
-            if matches!(e, IdentityError::InvalidCredentials) {
-                state.limiter.hit(&key, limit, 1);
-            }
-            Err(e.into())
-        }
-    }
+    let keys = [password_key(&body.email)];
+    let outcome = limited_attempt(&state, &keys, state.identity.login(&body.email, &body.password, &origin)).await?;
+    Ok(Json(login_response(&state, outcome?)?))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -236,18 +225,9 @@ pub async fn login_mfa(
         }
     };
     let user = state.identity.mfa_token_user(&body.mfa_token).await?.ok_or(ApiError::InvalidMfaToken)?;
-    let key = format!("mfa:{user}");
-    let limit = state.config.auth.failed_login_limit;
-    let peek = state.limiter.peek(&key, limit);
-    if !peek.allowed {
-        return Err(limited(peek));
-    }
-    match state.identity.login_mfa(&body.mfa_token, factor, &origin).await {
-        Ok(s) => Ok(Json(signed_in(&state, s)?)),
-        Err(IdentityError::InvalidMfaCode) => {
-            state.limiter.hit(&key, limit, 1);
-            Err(ApiError::InvalidMfaCode)
-        }
+    let keys = [code_key(user)];
+    match limited_attempt(&state, &keys, state.identity.login_mfa(&body.mfa_token, factor, &origin)).await? {
+        Ok(signed) => Ok(Json(signed_in(&state, signed)?)),
         Err(IdentityError::InvalidToken) => Err(ApiError::InvalidMfaToken),
         Err(e) => Err(e.into()),
     }
@@ -301,7 +281,10 @@ pub async fn forgot_password(
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> (StatusCode, Json<Accepted>) {
     let identity = state.identity.clone();
-    in_background("password reset request", async move { identity.forgot_password(&body.email).await });
+    let email = body.email.clone();
+    email_in_background(&state, &body.email, "password reset request", async move {
+        identity.forgot_password(&email).await
+    });
     (StatusCode::ACCEPTED, Json(Accepted::new()))
 }
 
@@ -336,7 +319,13 @@ pub async fn magic_link(
     ApiJson(body): ApiJson<EmailRequest>,
 ) -> (StatusCode, Json<Accepted>) {
     let identity = state.identity.clone();
-    in_background("magic link request", async move { identity.request_magic_link(&body.email).await });
+    let email = body.email.clone();
+    email_in_background(
+        &state,
+        &body.email,
+        "magic link request",
+        async move { identity.request_magic_link(&email).await },
+    );
     (StatusCode::ACCEPTED, Json(Accepted::new()))
 }
 

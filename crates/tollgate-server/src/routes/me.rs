@@ -11,6 +11,7 @@ use tollgate_core::ids::SessionId;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::attempts::{limited_attempt, user_password_key};
 use super::auth::UserResponse;
 use super::views::{Accepted, ErrorResponse, SessionView, UserView};
 use crate::error::{ApiError, ApiResult};
@@ -79,6 +80,7 @@ pub struct ChangePasswordRequest {
         (status = 204, description = "Changed"),
         (status = 401, description = "Wrong current password (`invalid_credentials`)", body = ErrorResponse),
         (status = 422, description = "New password rejected by the policy", body = ErrorResponse),
+        (status = 429, description = "Too many wrong passwords", body = ErrorResponse),
     ))]
 pub async fn change_password(
     State(state): State<AppState>,
@@ -86,7 +88,9 @@ pub async fn change_password(
     current: CurrentUser,
     ApiJson(body): ApiJson<ChangePasswordRequest>,
 ) -> ApiResult<StatusCode> {
-    state.identity.change_password(&current.user, current.session.id, &body.current, &body.new, &origin).await?;
+    let keys = [user_password_key(&current.user.email)];
+    let attempt = state.identity.change_password(&current.user, current.session.id, &body.current, &body.new, &origin);
+    limited_attempt(&state, &keys, attempt).await??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -112,7 +116,9 @@ pub async fn change_email(
     current: CurrentUser,
     ApiJson(body): ApiJson<ChangeEmailRequest>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
-    state.identity.request_email_change(&current.user, &body.email, &body.password).await?;
+    let keys = [user_password_key(&current.user.email)];
+    limited_attempt(&state, &keys, state.identity.request_email_change(&current.user, &body.email, &body.password))
+        .await??;
     Ok((StatusCode::ACCEPTED, Json(Accepted::new())))
 }
 

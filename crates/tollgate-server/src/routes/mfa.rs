@@ -8,6 +8,7 @@ use qrcode::render::svg;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::attempts::{code_key, limited_attempt, user_password_key};
 use super::views::ErrorResponse;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, CurrentUser, Origin};
@@ -53,20 +54,32 @@ pub struct RecoveryCodes {
     pub recovery_codes: Vec<String>,
 }
 
-/// Turns 2FA on once a code proves the secret.
-#[utoipa::path(post, path = "/v1/me/2fa/enable", tag = "2fa", security(("bearer" = [])), request_body = CodeRequest,
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnableRequest {
+    /// The current password.
+    pub password: String,
+    /// A current code from the authenticator, proving the secret.
+    pub code: String,
+}
+
+/// Turns 2FA on once a code proves the secret (needs the password too).
+#[utoipa::path(post, path = "/v1/me/2fa/enable", tag = "2fa", security(("bearer" = [])), request_body = EnableRequest,
     responses(
         (status = 200, description = "Enabled; the recovery codes", body = RecoveryCodes),
-        (status = 401, description = "`invalid_mfa_code`", body = ErrorResponse),
+        (status = 401, description = "`invalid_credentials` or `invalid_mfa_code`", body = ErrorResponse),
         (status = 409, description = "`mfa_already_enabled` or `mfa_not_set_up`", body = ErrorResponse),
+        (status = 429, description = "Too many wrong passwords", body = ErrorResponse),
     ))]
 pub async fn enable(
     State(state): State<AppState>,
     Origin(origin): Origin,
     current: CurrentUser,
-    ApiJson(body): ApiJson<CodeRequest>,
+    ApiJson(body): ApiJson<EnableRequest>,
 ) -> ApiResult<Json<RecoveryCodes>> {
-    let recovery_codes = state.identity.totp_enable(&current.user, &body.code, &origin).await?;
+    let keys = [user_password_key(&current.user.email)];
+    let attempt = state.identity.totp_enable(&current.user, &body.password, &body.code, &origin);
+    let recovery_codes = limited_attempt(&state, &keys, attempt).await??;
     Ok(Json(RecoveryCodes { recovery_codes }))
 }
 
@@ -90,7 +103,9 @@ pub async fn disable(
     current: CurrentUser,
     ApiJson(body): ApiJson<DisableRequest>,
 ) -> ApiResult<axum::http::StatusCode> {
-    state.identity.totp_disable(&current.user, &body.password, &body.code, &origin).await?;
+    let keys = [user_password_key(&current.user.email), code_key(current.user.id)];
+    let attempt = state.identity.totp_disable(&current.user, &body.password, &body.code, &origin);
+    limited_attempt(&state, &keys, attempt).await??;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
@@ -113,6 +128,8 @@ pub async fn regenerate_recovery_codes(
     current: CurrentUser,
     ApiJson(body): ApiJson<PasswordRequest>,
 ) -> ApiResult<Json<RecoveryCodes>> {
-    let recovery_codes = state.identity.regenerate_recovery_codes(&current.user, &body.password, &origin).await?;
+    let keys = [user_password_key(&current.user.email)];
+    let attempt = state.identity.regenerate_recovery_codes(&current.user, &body.password, &origin);
+    let recovery_codes = limited_attempt(&state, &keys, attempt).await??;
     Ok(Json(RecoveryCodes { recovery_codes }))
 }

@@ -1,6 +1,7 @@
 //! HTTP handlers, one module per URL area. Handlers stay thin: extract, call one
 //! identity flow, shape the answer.
 
+pub mod attempts;
 pub mod auth;
 pub mod me;
 pub mod mfa;

@@ -311,3 +311,76 @@ async fn forged_and_foreign_access_tokens_are_refused() {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn parallel_guesses_cannot_outrun_the_budget() {
+    let app = TestApp::builder().failed_login_limit(10, 3600).start().await;
+    app.verified_user("ada@example.com").await;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let client = app.client.clone();
+        let url = app.url("/v1/auth/login");
+        tasks.push(tokio::spawn(async move {
+            let body = json!({ "email": "ada@example.com", "password": format!("guess number {i}") });
+            client.post(url).json(&body).send().await.unwrap().status()
+        }));
+    }
+    let mut checked = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::UNAUTHORIZED => checked += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(checked, 10, "exactly the budget was checked");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_stolen_token_cannot_guess_the_password_without_limit() {
+    let app = TestApp::builder().failed_login_limit(3, 3600).start().await;
+    let (access, _) = app.signed_in("ada@example.com").await;
+    for _ in 0..3 {
+        let r = app
+            .post_auth("/v1/me/password", &access, json!({ "current": "a guess", "new": "another passphrase" }))
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let r =
+        app.post_auth("/v1/me/password", &access, json!({ "current": PASSWORD, "new": "another passphrase" })).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "the same budget as login");
+    let r = app.post("/v1/auth/login", json!({ "email": "ada@example.com", "password": PASSWORD })).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_mailbox_cannot_be_flooded() {
+    let app = TestApp::builder().email_limit(2, 3600).start().await;
+    app.verified_user("ada@example.com").await;
+    for _ in 0..4 {
+        let r = app.post("/v1/auth/password/forgot", json!({ "email": "ada@example.com" })).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "the answer never changes");
+    }
+    app.mail.wait_for("ada@example.com", 3).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(app.mail.count_to("ada@example.com"), 3, "verification + 2 resets, not 5 emails");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_squatter_loses_the_account_when_the_owner_proves_the_mailbox() {
+    let app = TestApp::new().await;
+    // Someone registers Ada's address with their own password; it is never verified.
+    app.post("/v1/auth/register", json!({ "email": "ada@example.com", "password": "squatter password" })).await;
+    // Ada signs in with a magic link sent to her mailbox.
+    app.post("/v1/auth/magic-link", json!({ "email": "ada@example.com" })).await;
+    let mail = app.mail.wait_for("ada@example.com", 2).await;
+    let r = app.post("/v1/auth/magic-link/verify", json!({ "token": mail.token("magic-link") })).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    // The squatter's password no longer opens the account.
+    let r = app.post("/v1/auth/login", json!({ "email": "ada@example.com", "password": "squatter password" })).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_credentials"));
+    app.stop().await;
+}

@@ -39,6 +39,7 @@ impl Reply {
 pub struct Builder {
     ip_limit: RateLimit,
     failed_login_limit: RateLimit,
+    email_limit: RateLimit,
     database_url: Option<String>,
 }
 
@@ -47,6 +48,7 @@ impl TestApp {
         Builder {
             ip_limit: RateLimit::per(10_000, Duration::from_secs(60)),
             failed_login_limit: RateLimit::per(10, Duration::from_secs(3600)),
+            email_limit: RateLimit::per(100, Duration::from_secs(3600)),
             database_url: None,
         }
     }
@@ -127,6 +129,11 @@ impl Builder {
         self
     }
 
+    pub fn email_limit(mut self, requests: u32, seconds: u64) -> Self {
+        self.email_limit = RateLimit::per(requests, Duration::from_secs(seconds));
+        self
+    }
+
     pub fn database_url(mut self, url: String) -> Self {
         self.database_url = Some(url);
         self
@@ -152,6 +159,7 @@ impl Builder {
                 password_hash: HashCost { memory_kib: 256, iterations: 1, parallelism: 1 },
                 ip_limit: self.ip_limit,
                 failed_login_limit: self.failed_login_limit,
+                email_limit: self.email_limit,
             },
             smtp: Some(SmtpConfig {
                 url: format!("smtp://127.0.0.1:{}", mail.port),

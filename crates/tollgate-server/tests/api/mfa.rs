@@ -20,6 +20,11 @@ async fn mfa_token(app: &TestApp) -> String {
     r.body["mfa_token"].as_str().unwrap().to_owned()
 }
 
+async fn r_secret(app: &TestApp, access: &str) -> String {
+    let r = app.request(reqwest::Method::POST, "/v1/me/2fa/setup", Some(access), None).await;
+    r.body["secret"].as_str().unwrap().to_owned()
+}
+
 /// Turns 2FA on for a signed-in user; returns (secret, the code that enabled it,
 /// recovery codes).
 async fn enable(app: &TestApp, access: &str) -> (String, String, Vec<String>) {
@@ -27,7 +32,7 @@ async fn enable(app: &TestApp, access: &str) -> (String, String, Vec<String>) {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let secret = r.body["secret"].as_str().unwrap().to_owned();
     let c0 = code(&secret, 0);
-    let r = app.post_auth("/v1/me/2fa/enable", access, json!({ "code": c0 })).await;
+    let r = app.post_auth("/v1/me/2fa/enable", access, json!({ "password": PASSWORD, "code": c0 })).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let recovery: Vec<String> = serde_json::from_value(r.body["recovery_codes"].clone()).unwrap();
     (secret, c0, recovery)
@@ -37,13 +42,18 @@ async fn enable(app: &TestApp, access: &str) -> (String, String, Vec<String>) {
 async fn totp_enrolment_login_replay_and_recovery_codes() {
     let app = TestApp::new().await;
     let (access, _) = app.signed_in("ada@example.com").await;
-    let r = app.post_auth("/v1/me/2fa/enable", &access, json!({ "code": "123456" })).await;
+    let r = app.post_auth("/v1/me/2fa/enable", &access, json!({ "password": PASSWORD, "code": "123456" })).await;
     assert_eq!((r.status, r.code()), (StatusCode::CONFLICT, "mfa_not_set_up"));
     let r = app.request(reqwest::Method::POST, "/v1/me/2fa/setup", Some(&access), None).await;
     assert!(r.body["otpauth_uri"].as_str().unwrap().starts_with("otpauth://totp/"));
     assert!(r.body["qr_svg"].as_str().unwrap().starts_with("<svg"));
-    let r = app.post_auth("/v1/me/2fa/enable", &access, json!({ "code": "000000" })).await;
+    let r = app.post_auth("/v1/me/2fa/enable", &access, json!({ "password": PASSWORD, "code": "000000" })).await;
     assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_mfa_code"));
+    // A stolen access token alone cannot turn 2FA on.
+    let secret = r_secret(&app, &access).await;
+    let r =
+        app.post_auth("/v1/me/2fa/enable", &access, json!({ "password": "not it", "code": code(&secret, 0) })).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_credentials"));
     let (secret, c0, recovery) = enable(&app, &access).await;
     assert_eq!(recovery.len(), 10);
     assert_eq!(app.get_auth("/v1/me", &access).await.body["user"]["mfa_enabled"], true);

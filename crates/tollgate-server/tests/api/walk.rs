@@ -45,7 +45,13 @@ pub async fn walk(app: &TestApp) {
     let r = app.request(Method::POST, "/v1/me/2fa/setup", Some(&access), None).await;
     let secret = r.body["secret"].as_str().unwrap().to_owned();
     let now = OffsetDateTime::now_utc().unix_timestamp() as u64;
-    let r = app.post_auth("/v1/me/2fa/enable", &access, json!({ "code": totp_code_at(&secret, now).unwrap() })).await;
+    let r = app
+        .post_auth(
+            "/v1/me/2fa/enable",
+            &access,
+            json!({ "password": PASSWORD, "code": totp_code_at(&secret, now).unwrap() }),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     let r = app.post("/v1/auth/login", json!({ "email": email, "password": PASSWORD })).await;
     assert_eq!(r.body["mfa_required"], true);
