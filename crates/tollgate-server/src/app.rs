@@ -138,7 +138,7 @@ async fn limit_auth_by_ip(State(state): State<AppState>, request: Request, next:
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_owned(), |c| client_key(c.0.ip()));
-    let decision = state.limiter.hit(&format!("auth-ip:{client}"), state.config.auth.ip_limit, 1);
+    let decision = state.limiter.hit(&format!("auth-ip:{client}"), state.config.auth.ip_limit, 1).await;
     if !decision.allowed {
         return ApiError::RateLimited {
             retry_after: decision.retry_after.unwrap_or(Duration::from_secs(1)),

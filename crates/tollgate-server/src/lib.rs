@@ -9,7 +9,7 @@ pub mod error;
 pub mod extract;
 pub mod mailer;
 pub mod metrics;
-pub mod rate_limiter;
+pub mod rate_limit;
 pub mod routes;
 pub mod server;
 pub mod state;

@@ -18,7 +18,7 @@ use tollgate_store_sqlite::SqliteStore;
 use crate::access_token::AccessTokens;
 use crate::config::Config;
 use crate::mailer::{Mailer, Transport};
-use crate::rate_limiter::MemoryRateLimiter;
+use crate::rate_limit::Limiter;
 use crate::state::AppState;
 
 /// The one place the backend is chosen, by the URL scheme.
@@ -80,13 +80,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     let identity = Identity::new(store.clone(), identity_settings(&config)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let tokens =
         AccessTokens::load_or_create(&config.signing_key_file, &config.public_url, config.auth.access_token_ttl)?;
-    Ok(AppState {
-        store,
-        identity,
-        tokens: Arc::new(tokens),
-        limiter: Arc::new(MemoryRateLimiter::default()),
-        config: Arc::new(config),
-    })
+    Ok(AppState { store, identity, tokens: Arc::new(tokens), limiter: Limiter::in_memory(), config: Arc::new(config) })
 }
 
 /// A server running in the background.

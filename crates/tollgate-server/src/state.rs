@@ -8,13 +8,13 @@ use tollgate_core::identity::Identity;
 
 use crate::access_token::AccessTokens;
 use crate::config::Config;
-use crate::rate_limiter::MemoryRateLimiter;
+use crate::rate_limit::Limiter;
 
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub identity: Identity,
     pub tokens: Arc<AccessTokens>,
-    pub limiter: Arc<MemoryRateLimiter>,
+    pub limiter: Limiter,
     pub config: Arc<Config>,
 }

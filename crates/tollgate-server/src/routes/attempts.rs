@@ -41,10 +41,10 @@ pub async fn limited_attempt<T>(
     let limit = state.config.auth.failed_login_limit;
     let mut counted: Vec<&String> = Vec::with_capacity(keys.len());
     for key in keys {
-        let decision = state.limiter.hit(key, limit, 1);
+        let decision = state.limiter.hit(key, limit, 1).await;
         if !decision.allowed {
             for key in counted {
-                state.limiter.refund(key, limit, 1);
+                state.limiter.refund(key, limit, 1).await;
             }
             return Err(limited(decision));
         }
@@ -53,7 +53,7 @@ pub async fn limited_attempt<T>(
     let result = attempt.await;
     if !matches!(result, Err(IdentityError::InvalidCredentials | IdentityError::InvalidMfaCode)) {
         for key in counted {
-            state.limiter.refund(key, limit, 1);
+            state.limiter.refund(key, limit, 1).await;
         }
     }
     Ok(result)

@@ -84,12 +84,12 @@ pub struct EmailRequest {
 /// whether the address is registered or not. Each address gets a few such emails per
 /// window (`email_limit`); past that the request is still answered 202 but sends
 /// nothing, so nobody can flood a mailbox through Tollgate.
-fn email_in_background<F>(state: &AppState, email: &str, what: &'static str, work: F)
+async fn email_in_background<F>(state: &AppState, email: &str, what: &'static str, work: F)
 where
     F: Future<Output = Result<(), IdentityError>> + Send + 'static,
 {
     let key = format!("mail:{}", email.trim().to_lowercase().chars().take(254).collect::<String>());
-    if !state.limiter.hit(&key, state.config.auth.email_limit, 1).allowed {
+    if !state.limiter.hit(&key, state.config.auth.email_limit, 1).await.allowed {
         tracing::info!("{what}: per-address email limit reached; nothing sent");
         return;
     }
@@ -111,7 +111,8 @@ pub async fn resend_verification(
     let email = body.email.clone();
     email_in_background(&state, &body.email, "resending verification", async move {
         identity.resend_verification(&email).await
-    });
+    })
+    .await;
     (StatusCode::ACCEPTED, Json(Accepted::new()))
 }
 
@@ -284,7 +285,8 @@ pub async fn forgot_password(
     let email = body.email.clone();
     email_in_background(&state, &body.email, "password reset request", async move {
         identity.forgot_password(&email).await
-    });
+    })
+    .await;
     (StatusCode::ACCEPTED, Json(Accepted::new()))
 }
 
@@ -325,7 +327,8 @@ pub async fn magic_link(
         &body.email,
         "magic link request",
         async move { identity.request_magic_link(&email).await },
-    );
+    )
+    .await;
     (StatusCode::ACCEPTED, Json(Accepted::new()))
 }
 

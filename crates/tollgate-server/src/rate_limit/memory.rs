@@ -1,14 +1,15 @@
-//! In-memory rate limiter (the embedded default): GCRA state per key in a sharded
-//! map. The arithmetic is `tollgate_core::ratelimit::gcra`; this only stores the one
-//! timestamp per key. A Redis backend for multi-node deployments comes with the plans
-//! issue (#3) behind the same methods.
+//! In-memory rate-limit backend (the embedded default): GCRA state per key in a
+//! sharded map, private to this process.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use async_trait::async_trait;
 use tollgate_core::ratelimit::{Decision, RateLimit, gcra};
+
+use super::{BackendError, RateLimitBackend};
 
 const SHARDS: usize = 16;
 
@@ -69,6 +70,33 @@ impl MemoryRateLimiter {
         let now = self.now();
         let map = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
         gcra(limit, map.get(key).copied(), now, 1)
+    }
+}
+
+#[async_trait]
+impl RateLimitBackend for MemoryRateLimiter {
+    async fn hit(&self, key: &str, limit: RateLimit, cost: u32) -> Result<Decision, BackendError> {
+        Ok(MemoryRateLimiter::hit(self, key, limit, cost))
+    }
+
+    async fn peek(&self, key: &str, limit: RateLimit) -> Result<Decision, BackendError> {
+        Ok(MemoryRateLimiter::peek(self, key, limit))
+    }
+
+    async fn refund(&self, key: &str, limit: RateLimit, cost: u32) -> Result<(), BackendError> {
+        MemoryRateLimiter::refund(self, key, limit, cost);
+        Ok(())
+    }
+
+    async fn clear(&self, prefix: &str) -> Result<u64, BackendError> {
+        let mut removed = 0;
+        for shard in &self.shards {
+            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let before = map.len();
+            map.retain(|k, _| !k.starts_with(prefix));
+            removed += (before - map.len()) as u64;
+        }
+        Ok(removed)
     }
 }
 
