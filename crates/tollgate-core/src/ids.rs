@@ -63,3 +63,11 @@ typed_id!(
     /// A one-time token (email verification, reset, magic link, ...).
     OneTimeTokenId
 );
+typed_id!(
+    /// A service key (an integrating backend's secret).
+    ServiceKeyId
+);
+typed_id!(
+    /// A usage event.
+    UsageEventId
+);

@@ -5,10 +5,14 @@
 //! [`identity`]; each flow ends in exactly one [`Store`] method, which the backend runs
 //! as one transaction.
 
+pub mod accounts;
 pub mod audit;
 pub mod email;
+pub mod entitlements;
 pub mod identity;
 pub mod ids;
+pub mod metering;
+pub mod plans;
 pub mod ratelimit;
 pub mod store;
 

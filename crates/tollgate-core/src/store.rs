@@ -6,13 +6,16 @@
 use async_trait::async_trait;
 
 use crate::Timestamp;
+use crate::accounts::{Account, NewExternalAccount, ServiceKey, Subscription};
 use crate::audit::{AuditEvent, AuditQuery};
 use crate::email::{NewEmail, OutboxEmail};
 use crate::identity::{
     EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
     TokenDigest, TokenEffect, TokenPurpose, User,
 };
-use crate::ids::{EmailId, SessionId, UserId};
+use crate::ids::{AccountId, EmailId, SessionId, UserId};
+use crate::metering::{UsageDecision, UsageRequest};
+use crate::plans::Catalog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -196,6 +199,89 @@ pub trait Store: Send + Sync + 'static {
 
     /// Emails not yet delivered (for health and tests).
     async fn pending_email_count(&self) -> Result<u64, StoreError>;
+
+    // ---- plans -------------------------------------------------------------------
+
+    /// Makes the stored meters and plans equal to `catalog`: new ones are created,
+    /// changed ones updated, and ones missing from it deleted — or archived when a
+    /// subscription still uses them. Idempotent; reports what it did.
+    async fn apply_catalog(&self, catalog: &Catalog, now: Timestamp) -> Result<CatalogChanges, StoreError>;
+
+    /// The meters and active plans last applied (`None` before the first apply).
+    async fn stored_catalog(&self) -> Result<Option<Catalog>, StoreError>;
+
+    // ---- accounts and service keys ---------------------------------------------
+
+    /// Creates an external customer, or returns the existing one with this
+    /// `external_id` (`created` tells which). Idempotent under concurrency.
+    async fn upsert_external_account(&self, account: NewExternalAccount) -> Result<(Account, bool), StoreError>;
+
+    async fn account_by_id(&self, id: AccountId) -> Result<Option<Account>, StoreError>;
+
+    async fn account_by_external_id(&self, external_id: &str) -> Result<Option<Account>, StoreError>;
+
+    /// The account's subscription, whatever its status.
+    async fn subscription(&self, account: AccountId) -> Result<Option<Subscription>, StoreError>;
+
+    /// Creates or replaces the account's subscription (one per account).
+    /// `NotFound` for an unknown account.
+    async fn put_subscription(&self, subscription: Subscription, audit: AuditEvent) -> Result<(), StoreError>;
+
+    async fn create_service_key(
+        &self,
+        key: ServiceKey,
+        digest: TokenDigest,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    /// A service key by the digest of its secret (revoked ones too: callers check).
+    async fn service_key_by_digest(&self, digest: &TokenDigest) -> Result<Option<ServiceKey>, StoreError>;
+
+    // ---- usage -------------------------------------------------------------------
+
+    /// Checks every window of the request and, unless it is a dry run, increments them
+    /// all or none, records the usage event and the idempotency answer, in one
+    /// transaction. Concurrent calls never push a window past its limit.
+    /// A known idempotency key with the same request replays the stored decision;
+    /// with another request it is `Conflict("idempotency_key")`.
+    async fn consume_usage(&self, request: UsageRequest) -> Result<UsageDecision, StoreError>;
+
+    /// Daily totals of an account, optionally for one meter, for days in `[from, to]`
+    /// (`YYYY-MM-DD`), ordered by day then meter.
+    async fn usage_daily(
+        &self,
+        account: AccountId,
+        meter: Option<&str>,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<DailyUsage>, StoreError>;
+
+    /// The sum of the counter rows `keys` of one meter (0 for missing rows), in order.
+    async fn counter_values(
+        &self,
+        account: AccountId,
+        meter: &str,
+        keys: &[Vec<String>],
+    ) -> Result<Vec<i64>, StoreError>;
+}
+
+/// One day of one meter's usage.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DailyUsage {
+    pub day: String,
+    pub meter: String,
+    pub consumed: i64,
+    pub denied: i64,
+}
+
+/// What `apply_catalog` did, by key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CatalogChanges {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub archived: Vec<String>,
+    pub deleted: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -21,7 +21,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ApiError, rate_limit_headers};
-use crate::routes::{auth, me, mfa, ops, pages};
+use crate::routes::{accounts, auth, me, mfa, ops, pages, plans, ratelimit, usage};
 use crate::state::AppState;
 
 /// Largest accepted request body.
@@ -37,6 +37,9 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
         (name = "2fa", description = "Two-factor authentication (TOTP)"),
         (name = "operations", description = "Health, metrics, keys"),
         (name = "pages", description = "HTML pages behind the links in emails"),
+        (name = "plans", description = "The public price list"),
+        (name = "accounts", description = "Customers, subscriptions, entitlements (service key)"),
+        (name = "usage", description = "Check and consume quotas: the hot path (service key)"),
     )
 )]
 struct ApiDoc;
@@ -76,7 +79,18 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(mfa::setup))
         .routes(routes!(mfa::enable))
         .routes(routes!(mfa::disable))
-        .routes(routes!(mfa::regenerate_recovery_codes));
+        .routes(routes!(mfa::regenerate_recovery_codes))
+        .routes(routes!(accounts::my_entitlements));
+    let product = OpenApiRouter::new()
+        .routes(routes!(plans::list_plans))
+        .routes(routes!(accounts::create_account))
+        .routes(routes!(accounts::get_account))
+        .routes(routes!(accounts::put_subscription))
+        .routes(routes!(accounts::entitlements))
+        .routes(routes!(accounts::usage))
+        .routes(routes!(usage::check))
+        .routes(routes!(usage::consume))
+        .routes(routes!(ratelimit::check));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
@@ -87,7 +101,7 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(pages::verify_email))
         .routes(routes!(pages::reset_password_form, pages::reset_password))
         .route_layer(middleware::from_fn_with_state(state.clone(), limit_auth_by_ip));
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(auth).merge(me).merge(operations).merge(pages)
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(auth).merge(me).merge(product).merge(operations).merge(pages)
 }
 
 /// The OpenAPI 3.1 document served at `/openapi.json`.

@@ -25,6 +25,19 @@ pub struct Config {
     /// `None`: emails are written to the log (and kept in the outbox) instead of sent.
     pub smtp: Option<SmtpConfig>,
     pub signing_key_file: PathBuf,
+    /// Meters and plans (TOML); absent: the built-in free plan.
+    pub plans_file: PathBuf,
+    /// Rate-limit state in Redis, shared by every node; `None`: in memory.
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Prefix of every key Tollgate writes.
+    pub key_prefix: String,
+    /// What rate limits do when Redis does not answer.
+    pub on_failure: crate::rate_limit::FailureMode,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -66,8 +79,10 @@ struct FileConfig {
     public_url: Option<String>,
     log_format: Option<LogFormat>,
     signing_key_file: Option<PathBuf>,
+    plans_file: Option<PathBuf>,
     #[serde(default)]
     auth: FileAuth,
+    redis: Option<FileRedis>,
     smtp: Option<FileSmtp>,
 }
 
@@ -81,6 +96,14 @@ struct FileAuth {
     ip_limit: Option<RateLimit>,
     failed_login_limit: Option<RateLimit>,
     email_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRedis {
+    url: String,
+    key_prefix: Option<String>,
+    on_failure: Option<crate::rate_limit::FailureMode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +164,10 @@ impl Config {
             .map(PathBuf::from)
             .or(file.signing_key_file)
             .unwrap_or_else(|| data_dir.join("signing-keys.json"));
+        let plans_file = env("TOLLGATE_PLANS_FILE")
+            .map(PathBuf::from)
+            .or(file.plans_file)
+            .unwrap_or_else(|| data_dir.join("plans.toml"));
 
         let seconds = |var: &str, file_value: Option<u64>, default: u64| -> anyhow::Result<Duration> {
             let secs = match env(var) {
@@ -228,7 +255,42 @@ impl Config {
                  use smtps://, add ?tls=required, or point it at a relay on loopback"
             );
         }
-        Ok(Self { listen, data_dir, database_url, public_url, log_format, auth, smtp, signing_key_file })
+        let on_failure = match env("TOLLGATE_RATE_LIMIT_ON_FAILURE").as_deref() {
+            Some("open") => Some(crate::rate_limit::FailureMode::Open),
+            Some("closed") => Some(crate::rate_limit::FailureMode::Closed),
+            Some(other) => bail!("TOLLGATE_RATE_LIMIT_ON_FAILURE must be open or closed, not {other:?}"),
+            None => None,
+        };
+        let redis = match (env("TOLLGATE_REDIS_URL"), file.redis) {
+            (None, None) => None,
+            (url, file_redis) => {
+                let (file_url, prefix, file_failure) = match file_redis {
+                    Some(r) => (Some(r.url), r.key_prefix, r.on_failure),
+                    None => (None, None, None),
+                };
+                let url = url.or(file_url).unwrap_or_default();
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    bail!("TOLLGATE_REDIS_URL must start with redis:// or rediss://");
+                }
+                Some(RedisConfig {
+                    url,
+                    key_prefix: env("TOLLGATE_REDIS_KEY_PREFIX").or(prefix).unwrap_or_else(|| "tollgate:".into()),
+                    on_failure: on_failure.or(file_failure).unwrap_or(crate::rate_limit::FailureMode::Open),
+                })
+            }
+        };
+        Ok(Self {
+            listen,
+            data_dir,
+            database_url,
+            public_url,
+            log_format,
+            auth,
+            smtp,
+            signing_key_file,
+            plans_file,
+            redis,
+        })
     }
 }
 

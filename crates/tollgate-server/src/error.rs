@@ -56,6 +56,20 @@ pub enum ApiError {
     MfaNotEnabled,
     #[error("start two-factor setup first")]
     MfaNotSetUp,
+    #[error("this key lacks the {0} scope")]
+    MissingScope(&'static str),
+    #[error("Idempotency-Key must be 1 to 255 visible characters")]
+    InvalidIdempotencyKey,
+    #[error("this Idempotency-Key was used for another request")]
+    IdempotencyKeyReused,
+    #[error("no plan named {0:?}")]
+    UnknownPlan(String),
+    #[error("no rate limit scope named {0:?} in the plan")]
+    UnknownRateLimitScope(String),
+    #[error("no meter named {0:?}")]
+    UnknownMeter(String),
+    #[error("{0}")]
+    UnsupportedMeter(String),
     #[error("too many requests")]
     RateLimited { retry_after: Duration, limit: u32, reset_after: Duration },
     #[error("service unavailable")]
@@ -103,6 +117,13 @@ impl ApiError {
             MfaAlreadyEnabled => ("mfa_already_enabled", StatusCode::CONFLICT),
             MfaNotEnabled => ("mfa_not_enabled", StatusCode::CONFLICT),
             MfaNotSetUp => ("mfa_not_set_up", StatusCode::CONFLICT),
+            MissingScope(_) => ("insufficient_scope", StatusCode::FORBIDDEN),
+            InvalidIdempotencyKey => ("invalid_idempotency_key", StatusCode::BAD_REQUEST),
+            IdempotencyKeyReused => ("idempotency_key_reused", StatusCode::UNPROCESSABLE_ENTITY),
+            UnknownPlan(_) => ("unknown_plan", StatusCode::UNPROCESSABLE_ENTITY),
+            UnknownMeter(_) => ("unknown_meter", StatusCode::UNPROCESSABLE_ENTITY),
+            UnknownRateLimitScope(_) => ("unknown_scope", StatusCode::UNPROCESSABLE_ENTITY),
+            UnsupportedMeter(_) => ("unsupported_meter_kind", StatusCode::UNPROCESSABLE_ENTITY),
             RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
             Unavailable(_) => ("service_unavailable", StatusCode::SERVICE_UNAVAILABLE),
             Internal(_) => ("internal_error", StatusCode::INTERNAL_SERVER_ERROR),
@@ -200,6 +221,27 @@ impl From<IdentityError> for ApiError {
             E::RefreshTokenReused => ApiError::RefreshTokenReused,
             E::Store(s) => s.into(),
             E::Internal(s) => ApiError::Internal(s),
+        }
+    }
+}
+
+impl From<tollgate_core::metering::quotas::QuotaError> for ApiError {
+    fn from(e: tollgate_core::metering::quotas::QuotaError) -> Self {
+        use tollgate_core::metering::quotas::QuotaError as E;
+        match e {
+            E::UnknownMeter(m) => ApiError::UnknownMeter(m),
+            E::UnsupportedKind(kind) => ApiError::UnsupportedMeter(format!(
+                "{} meters are not consumed through this route yet",
+                serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+            )),
+            E::InvalidAmount => ApiError::Validation(vec![tollgate_core::identity::flows::FieldError {
+                field: "amount",
+                code: "must_be_positive",
+                message: "amount must be a positive integer".into(),
+            }]),
+            E::AccountNotFound => ApiError::NotFound,
+            E::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
+            E::Store(s) => s.into(),
         }
     }
 }

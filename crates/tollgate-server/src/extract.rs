@@ -55,6 +55,13 @@ where
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     use serde_json::error::Category;
+    // No string anywhere may carry a NUL: PostgreSQL cannot store one, and no field
+    // of ours needs it. (A raw NUL byte is already invalid JSON.)
+    if bytes.windows(6).any(|w| w[0] == b'\\' && w[1] == b'u' && w[2..].iter().all(|b| *b == b'0')) {
+        return Err(ApiError::InvalidBody {
+            fields: [("body".to_owned(), "strings may not contain NUL (\\u0000)".to_owned())].into(),
+        });
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();

@@ -4,6 +4,7 @@
 
 pub mod access_token;
 pub mod app;
+pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod extract;
@@ -12,4 +13,5 @@ pub mod metrics;
 pub mod rate_limit;
 pub mod routes;
 pub mod server;
+pub mod service_key;
 pub mod state;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tollgate_core::accounts::Scope;
 use tollgate_core::identity::Identity;
 use tollgate_server::access_token::AccessTokens;
 use tollgate_server::config::{Config, LogFormat};
@@ -31,6 +32,16 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Meters and plans.
+    Plans {
+        #[command(subcommand)]
+        command: PlansCommand,
+    },
+    /// Service keys: the secrets with which your backend calls Tollgate.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Access-token signing keys.
     SigningKeys {
         #[command(subcommand)]
@@ -45,6 +56,29 @@ enum AdminCommand {
     Create {
         #[arg(long)]
         email: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlansCommand {
+    /// Validate a plans file and make the database match it (prints what changed; a
+    /// plan still in use is archived, never deleted). A running server picks the new
+    /// plans up at its next start.
+    Apply { file: PathBuf },
+    /// Validate a plans file without applying it.
+    Check { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a service key and print its secret (shown once).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Comma-separated: usage:read, usage:write, accounts:read, accounts:write,
+        /// ratelimit:check, admin:*
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
     },
 }
 
@@ -116,6 +150,37 @@ async fn main() -> anyhow::Result<()> {
             println!("admin: {} ({})", user.email, user.id);
             println!("set the password within the hour (the link works once):");
             println!("{link}");
+        }
+        Command::Plans { command: PlansCommand::Check { file } } => {
+            let catalog = tollgate_server::catalog::load_file(&file)?;
+            println!("{} meters, {} plans: valid", catalog.meters.len(), catalog.plans.len());
+        }
+        Command::Plans { command: PlansCommand::Apply { file } } => {
+            let catalog = tollgate_server::catalog::load_file(&file)?;
+            let store = server::open_store(&config.database_url).await?;
+            let changes = store.apply_catalog(&catalog, time::OffsetDateTime::now_utc()).await?;
+            print!("{}", tollgate_server::catalog::describe(&changes));
+        }
+        Command::Keys { command: KeysCommand::Create { name, scopes } } => {
+            let scopes = scopes
+                .iter()
+                .map(|s| Scope::parse(s.trim()).ok_or_else(|| anyhow::anyhow!("unknown scope {s:?}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if scopes.is_empty() || name.trim().is_empty() || name.len() > 100 {
+                anyhow::bail!("give a --name (1 to 100 characters) and at least one scope");
+            }
+            let store = server::open_store(&config.database_url).await?;
+            let (key, secret) = tollgate_server::service_key::create(&store, name.trim(), scopes)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!(
+                "service key {} ({}) with scopes {:?}",
+                key.name,
+                key.id,
+                key.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>()
+            );
+            println!("secret (shown once; send it as Authorization: Bearer <secret>):");
+            println!("{secret}");
         }
         Command::SigningKeys { command: SigningKeysCommand::Rotate } => {
             let kid = AccessTokens::rotate(&config.signing_key_file)?;

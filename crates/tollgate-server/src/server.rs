@@ -16,10 +16,13 @@ use tollgate_store_postgres::PgStore;
 use tollgate_store_sqlite::SqliteStore;
 
 use crate::access_token::AccessTokens;
+use crate::catalog::SharedCatalog;
 use crate::config::Config;
 use crate::mailer::{Mailer, Transport};
 use crate::rate_limit::Limiter;
+use crate::service_key::KeyCache;
 use crate::state::AppState;
+use tollgate_core::metering::quotas::Quotas;
 
 /// The one place the backend is chosen, by the URL scheme.
 pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
@@ -80,7 +83,26 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     let identity = Identity::new(store.clone(), identity_settings(&config)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let tokens =
         AccessTokens::load_or_create(&config.signing_key_file, &config.public_url, config.auth.access_token_ttl)?;
-    Ok(AppState { store, identity, tokens: Arc::new(tokens), limiter: Limiter::in_memory(), config: Arc::new(config) })
+    let catalog = crate::catalog::at_start(&store, &config.plans_file).await?;
+    let limiter = match &config.redis {
+        Some(redis) => {
+            let backend = crate::rate_limit::RedisRateLimiter::connect(&redis.url, &redis.key_prefix)
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to Redis (TOLLGATE_REDIS_URL): {e}"))?;
+            Limiter::new(Arc::new(backend), redis.on_failure)
+        }
+        None => Limiter::in_memory(),
+    };
+    Ok(AppState {
+        quotas: Quotas::new(store.clone()),
+        store,
+        identity,
+        tokens: Arc::new(tokens),
+        limiter,
+        catalog: SharedCatalog::new(catalog),
+        service_keys: Arc::new(KeyCache::default()),
+        config: Arc::new(config),
+    })
 }
 
 /// A server running in the background.

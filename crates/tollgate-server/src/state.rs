@@ -5,10 +5,13 @@ use std::sync::Arc;
 
 use tollgate_core::Store;
 use tollgate_core::identity::Identity;
+use tollgate_core::metering::quotas::Quotas;
 
 use crate::access_token::AccessTokens;
+use crate::catalog::SharedCatalog;
 use crate::config::Config;
 use crate::rate_limit::Limiter;
+use crate::service_key::KeyCache;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -16,5 +19,8 @@ pub struct AppState {
     pub identity: Identity,
     pub tokens: Arc<AccessTokens>,
     pub limiter: Limiter,
+    pub catalog: SharedCatalog,
+    pub quotas: Quotas,
+    pub service_keys: Arc<KeyCache>,
     pub config: Arc<Config>,
 }

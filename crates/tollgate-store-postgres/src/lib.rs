@@ -5,11 +5,13 @@
 //! default READ COMMITTED isolation. The schema mirrors the SQLite one with native
 //! types (uuid, timestamptz, jsonb); the "use once" rules (tokens, refresh rotation,
 //! TOTP steps, recovery codes, outbox claims) rely on conditional UPDATEs and row
-//! locks rather than on a single writer, see `store.rs`.
+//! locks rather than on a single writer, see `store.rs`; usage counters, idempotency
+//! keys and the plans catalog, see `usage.rs`.
 
 mod migrations;
 mod rows;
 mod store;
+mod usage;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -224,6 +226,10 @@ pub mod testing {
                 None => format!("CREATE DATABASE \"{name}\""),
             };
             execute(&mut admin, sql).await;
+            // Test databases need not wait for the WAL to reach disk at each commit
+            // (the durability of commits is PostgreSQL's, not what these tests check);
+            // this keeps the concurrency tests fast on slow disks.
+            execute(&mut admin, format!("ALTER DATABASE \"{name}\" SET synchronous_commit = off")).await;
             admin.close().await.unwrap();
             let url = database_url(&name);
             Self { url, options: server.clone().database(&name), server, name }
@@ -302,7 +308,7 @@ mod conformance {
     async fn first_migration_reports_what_it_applied() {
         let Some(database) = TestDatabase::create_empty().await else { return };
         let store = PgStore::connect(&database.url).await.unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![1]);
+        assert_eq!(store.migrate().await.unwrap(), vec![1, 2]);
         store.close().await;
         database.drop().await;
     }

@@ -13,7 +13,10 @@ use sqlx::postgres::PgPool;
 use tollgate_core::StoreError;
 
 /// (version, name, SQL)
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "identity", include_str!("../migrations/0001_identity.sql"))];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "identity", include_str!("../migrations/0001_identity.sql")),
+    (2, "plans_accounts_usage", include_str!("../migrations/0002_plans_accounts_usage.sql")),
+];
 
 #[derive(Debug)]
 struct Embedded;

@@ -8,6 +8,7 @@
 mod migrations;
 mod rows;
 mod store;
+mod usage;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -129,7 +130,7 @@ mod conformance {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let store = SqliteStore::connect(&url).await.unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![1]);
+        assert_eq!(store.migrate().await.unwrap(), vec![1, 2]);
         assert!(store.migrate().await.unwrap().is_empty());
     }
 }

@@ -4,21 +4,25 @@
 use async_trait::async_trait;
 use sqlx::sqlite::{Sqlite, SqliteConnection};
 use sqlx::{QueryBuilder, Row};
+use tollgate_core::accounts::{Account, NewExternalAccount, ServiceKey, Subscription};
 use tollgate_core::audit::{AuditEvent, AuditQuery};
 use tollgate_core::email::{EmailStatus, NewEmail, OutboxEmail};
 use tollgate_core::identity::{
     EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
     TokenDigest, TokenEffect, TokenPurpose, User,
 };
+use tollgate_core::ids::AccountId;
 use tollgate_core::ids::{EmailId, SessionId, UserId};
-use tollgate_core::store::{EmailOutcome, NewOneTimeToken, Rotation};
+use tollgate_core::metering::{UsageDecision, UsageRequest};
+use tollgate_core::plans::Catalog;
+use tollgate_core::store::{CatalogChanges, DailyUsage, EmailOutcome, NewOneTimeToken, Rotation};
 use tollgate_core::{Store, StoreError, Timestamp};
 use uuid::Uuid;
 
 use crate::rows::{self, micros};
-use crate::{SqliteStore, db_error};
+use crate::{SqliteStore, db_error, usage};
 
-async fn insert_audit(conn: &mut SqliteConnection, e: &AuditEvent) -> Result<(), StoreError> {
+pub(crate) async fn insert_audit(conn: &mut SqliteConnection, e: &AuditEvent) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO audit_events (id, actor_type, actor_id, action, target_type, target_id, metadata, ip, user_agent, severity, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -779,6 +783,70 @@ impl Store for SqliteStore {
             .await
             .map_err(db_error)?;
         Ok(n as u64)
+    }
+
+    async fn apply_catalog(&self, catalog: &Catalog, now: Timestamp) -> Result<CatalogChanges, StoreError> {
+        usage::apply_catalog(self, catalog, now).await
+    }
+
+    async fn stored_catalog(&self) -> Result<Option<Catalog>, StoreError> {
+        usage::stored_catalog(self).await
+    }
+
+    async fn upsert_external_account(&self, account: NewExternalAccount) -> Result<(Account, bool), StoreError> {
+        usage::upsert_external_account(self, account).await
+    }
+
+    async fn account_by_id(&self, id: AccountId) -> Result<Option<Account>, StoreError> {
+        usage::account_by_id(self, id).await
+    }
+
+    async fn account_by_external_id(&self, external_id: &str) -> Result<Option<Account>, StoreError> {
+        usage::account_by_external_id(self, external_id).await
+    }
+
+    async fn subscription(&self, account: AccountId) -> Result<Option<Subscription>, StoreError> {
+        usage::subscription(self, account).await
+    }
+
+    async fn put_subscription(&self, subscription: Subscription, audit: AuditEvent) -> Result<(), StoreError> {
+        usage::put_subscription(self, subscription, audit).await
+    }
+
+    async fn create_service_key(
+        &self,
+        key: ServiceKey,
+        digest: TokenDigest,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        usage::create_service_key(self, key, digest, audit).await
+    }
+
+    async fn service_key_by_digest(&self, digest: &TokenDigest) -> Result<Option<ServiceKey>, StoreError> {
+        usage::service_key_by_digest(self, digest).await
+    }
+
+    async fn consume_usage(&self, request: UsageRequest) -> Result<UsageDecision, StoreError> {
+        usage::consume_usage(self, request).await
+    }
+
+    async fn usage_daily(
+        &self,
+        account: AccountId,
+        meter: Option<&str>,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<DailyUsage>, StoreError> {
+        usage::usage_daily(self, account, meter, from, to).await
+    }
+
+    async fn counter_values(
+        &self,
+        account: AccountId,
+        meter: &str,
+        keys: &[Vec<String>],
+    ) -> Result<Vec<i64>, StoreError> {
+        usage::counter_values(self, account, meter, keys).await
     }
 }
 

@@ -7,6 +7,7 @@
 //! (fail open or closed when the backend is unreachable), logs and counts failures.
 
 mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use async_trait::async_trait;
 use tollgate_core::ratelimit::{Decision, RateLimit};
 
 pub use memory::MemoryRateLimiter;
+pub use redis::RedisRateLimiter;
 
 #[derive(Debug, thiserror::Error)]
 #[error("rate limit backend unavailable: {0}")]

@@ -1,10 +1,14 @@
 //! HTTP handlers, one module per URL area. Handlers stay thin: extract, call one
 //! identity flow, shape the answer.
 
+pub mod accounts;
 pub mod attempts;
 pub mod auth;
 pub mod me;
 pub mod mfa;
 pub mod ops;
 pub mod pages;
+pub mod plans;
+pub mod ratelimit;
+pub mod usage;
 pub mod views;

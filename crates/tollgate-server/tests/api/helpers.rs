@@ -41,6 +41,8 @@ pub struct Builder {
     failed_login_limit: RateLimit,
     email_limit: RateLimit,
     database_url: Option<String>,
+    plans_file: Option<PathBuf>,
+    redis_prefix: Option<String>,
 }
 
 impl TestApp {
@@ -50,6 +52,8 @@ impl TestApp {
             failed_login_limit: RateLimit::per(10, Duration::from_secs(3600)),
             email_limit: RateLimit::per(100, Duration::from_secs(3600)),
             database_url: None,
+            plans_file: None,
+            redis_prefix: None,
         }
     }
 
@@ -111,6 +115,13 @@ impl TestApp {
         (r.body["access_token"].as_str().unwrap().to_owned(), r.body["refresh_token"].as_str().unwrap().to_owned())
     }
 
+    /// A service key with `scopes` (e.g. `&["usage:write"]`); returns its secret.
+    pub async fn service_key(&self, scopes: &[&str]) -> String {
+        let scopes = scopes.iter().map(|s| tollgate_core::accounts::Scope::parse(s).unwrap()).collect();
+        let store = &self.running.as_ref().unwrap().state.store;
+        tollgate_server::service_key::create(store, "tests", scopes).await.unwrap().1
+    }
+
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await.unwrap();
@@ -131,6 +142,18 @@ impl Builder {
 
     pub fn email_limit(mut self, requests: u32, seconds: u64) -> Self {
         self.email_limit = RateLimit::per(requests, Duration::from_secs(seconds));
+        self
+    }
+
+    /// Rate limits in the test Redis under `prefix`.
+    pub fn redis(mut self, prefix: &str) -> Self {
+        self.redis_prefix = Some(prefix.to_owned());
+        self
+    }
+
+    /// Loads one of `examples/plans/*.toml`.
+    pub fn example_plans(mut self, name: &str) -> Self {
+        self.plans_file = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/plans").join(name));
         self
     }
 
@@ -166,6 +189,12 @@ impl Builder {
                 from: "Tollgate <no-reply@tollgate.test>".into(),
             }),
             signing_key_file: data_dir.join("signing-keys.json"),
+            plans_file: self.plans_file.unwrap_or_else(|| data_dir.join("plans.toml")),
+            redis: self.redis_prefix.map(|key_prefix| tollgate_server::config::RedisConfig {
+                url: redis_url(),
+                key_prefix,
+                on_failure: tollgate_server::rate_limit::FailureMode::Closed,
+            }),
         };
         let running = server::start(config.clone()).await.unwrap();
         let base = format!("http://{}", running.addr);
@@ -175,5 +204,26 @@ impl Builder {
             .build()
             .unwrap();
         TestApp { base, client, mail, running: Some(running), config, _dir: dir }
+    }
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TOLLGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+/// Whether the test Redis answers; a loud skip otherwise (a failure when services
+/// are required).
+pub async fn redis_available() -> bool {
+    let url = redis_url();
+    let probe = tollgate_server::rate_limit::RedisRateLimiter::connect(&url, "probe:").await;
+    match probe {
+        Ok(_) => true,
+        Err(e) if std::env::var("TOLLGATE_REQUIRE_SERVICES").is_ok_and(|v| v == "1") => {
+            panic!("Redis not reachable at {url} ({e}) and TOLLGATE_REQUIRE_SERVICES=1")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: Redis not reachable at {url} ({e}); set TOLLGATE_TEST_REDIS_URL");
+            false
+        }
     }
 }

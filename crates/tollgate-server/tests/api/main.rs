@@ -3,9 +3,13 @@
 mod helpers;
 mod smtp_sink;
 
+mod accounts;
 mod auth;
 mod me;
 mod mfa;
 mod ops;
 mod pages;
+mod plans;
+mod ratelimit;
+mod usage;
 mod walk;

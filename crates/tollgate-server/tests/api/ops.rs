@@ -57,6 +57,16 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/verify-email", "get"),
         ("/reset-password", "get"),
         ("/reset-password", "post"),
+        ("/v1/me/entitlements", "get"),
+        ("/v1/plans", "get"),
+        ("/v1/accounts", "post"),
+        ("/v1/accounts/{id}", "get"),
+        ("/v1/accounts/{id}/subscription", "post"),
+        ("/v1/accounts/{id}/entitlements", "get"),
+        ("/v1/accounts/{id}/usage", "get"),
+        ("/v1/usage/check", "post"),
+        ("/v1/usage/consume", "post"),
+        ("/v1/ratelimit/check", "post"),
     ];
     let mut documented = 0;
     for (path, ops) in paths {

@@ -3,6 +3,14 @@
 //! [`conformance_tests!`](crate::conformance_tests), so SQLite and PostgreSQL are held
 //! to exactly the same contract.
 
+mod usage;
+
+pub use usage::{
+    catalog_apply_is_idempotent_and_archives_plans_in_use, consume_counts_all_windows_or_none,
+    consume_for_an_unknown_account_is_not_found, consume_is_exact_under_concurrency, external_accounts_are_idempotent,
+    idempotent_consume_replays_and_conflicts, service_keys_are_found_by_digest, subscriptions_are_one_per_account,
+};
+
 use std::sync::Arc;
 
 use time::Duration;
@@ -38,6 +46,10 @@ macro_rules! conformance_tests {
             recovery_codes_single_use, admin_upsert, audit_is_recorded_and_filtered,
             outbox_claim_lease_and_outcomes, concurrent_refresh_rotates_once, token_requires_existing_user,
             magic_login_drops_unproven_credentials, mfa_login_verifies_nothing, security_changes_end_outstanding_links,
+            catalog_apply_is_idempotent_and_archives_plans_in_use, external_accounts_are_idempotent,
+            subscriptions_are_one_per_account, service_keys_are_found_by_digest, consume_counts_all_windows_or_none,
+            consume_is_exact_under_concurrency, idempotent_consume_replays_and_conflicts,
+            consume_for_an_unknown_account_is_not_found,
         );
     };
     (@expand $make:expr; $($name:ident),+ $(,)?) => {
@@ -63,7 +75,7 @@ fn origin() -> RequestOrigin {
     RequestOrigin { ip: Some("127.0.0.1".into()), user_agent: Some("conformance".into()) }
 }
 
-fn audit(action: &str, now: Timestamp) -> AuditEvent {
+pub(crate) fn audit(action: &str, now: Timestamp) -> AuditEvent {
     AuditEvent::new(Actor::System, action, &origin(), now)
 }
 

@@ -1,0 +1,146 @@
+//! Accounts (who owns plans, quotas and credits), subscriptions to plans, and the
+//! service keys with which a product's backend acts on them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Timestamp;
+use crate::identity::str_enum;
+use crate::ids::{AccountId, ServiceKeyId};
+
+/// Longest accepted external id (the product's own customer id).
+pub const MAX_EXTERNAL_ID_LEN: usize = 200;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountKind {
+    /// A user's own account, created with the user.
+    Personal,
+    Organization,
+    /// A customer of a product that keeps its own users (bring your own identity).
+    External,
+}
+
+str_enum!(AccountKind { Personal => "personal", Organization => "organization", External => "external" });
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub id: AccountId,
+    pub kind: AccountKind,
+    pub name: Option<String>,
+    pub external_id: Option<String>,
+    pub email: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: Timestamp,
+}
+
+/// An external customer to create (idempotent on `external_id`).
+#[derive(Clone, Debug)]
+pub struct NewExternalAccount {
+    pub id: AccountId,
+    pub external_id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionStatus {
+    Trialing,
+    Active,
+    PastDue,
+    Canceled,
+    Expired,
+    Incomplete,
+}
+
+str_enum!(SubscriptionStatus {
+    Trialing => "trialing",
+    Active => "active",
+    PastDue => "past_due",
+    Canceled => "canceled",
+    Expired => "expired",
+    Incomplete => "incomplete",
+});
+
+impl SubscriptionStatus {
+    /// Whether the subscription's plan applies (otherwise the default plan does).
+    pub fn is_live(self) -> bool {
+        matches!(self, Self::Trialing | Self::Active | Self::PastDue)
+    }
+}
+
+/// An account's subscription to a plan. At most one per account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    pub account_id: AccountId,
+    pub plan: String,
+    pub status: SubscriptionStatus,
+    /// `manual` (set through the API) or a payment provider.
+    pub provider: String,
+    /// Billing periods are anchored here (day 31 → end of shorter months).
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: Timestamp,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub trial_ends_at: Option<Timestamp>,
+    pub cancel_at_period_end: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: Timestamp,
+}
+
+/// What a service key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Scope {
+    #[serde(rename = "usage:read")]
+    UsageRead,
+    #[serde(rename = "usage:write")]
+    UsageWrite,
+    #[serde(rename = "accounts:read")]
+    AccountsRead,
+    #[serde(rename = "accounts:write")]
+    AccountsWrite,
+    #[serde(rename = "ratelimit:check")]
+    RatelimitCheck,
+    /// Everything, including the admin API.
+    #[serde(rename = "admin:*")]
+    Admin,
+}
+
+str_enum!(Scope {
+    UsageRead => "usage:read",
+    UsageWrite => "usage:write",
+    AccountsRead => "accounts:read",
+    AccountsWrite => "accounts:write",
+    RatelimitCheck => "ratelimit:check",
+    Admin => "admin:*",
+});
+
+impl Scope {
+    pub const ALL: [Scope; 6] = [
+        Scope::UsageRead,
+        Scope::UsageWrite,
+        Scope::AccountsRead,
+        Scope::AccountsWrite,
+        Scope::RatelimitCheck,
+        Scope::Admin,
+    ];
+}
+
+/// The integrating backend's secret, with scopes over all customers. Only its digest
+/// is stored; `prefix` is kept to recognise it in lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceKey {
+    pub id: ServiceKeyId,
+    pub name: String,
+    pub prefix: String,
+    pub scopes: Vec<Scope>,
+    pub created_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+}
+
+impl ServiceKey {
+    /// `admin:*` grants every scope.
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.revoked_at.is_none() && (self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin))
+    }
+}

@@ -1,0 +1,294 @@
+//! Conformance for plans, accounts, service keys and usage.
+
+use std::sync::Arc;
+
+use time::Duration;
+
+use super::{audit, new_user, t0};
+use crate::Timestamp;
+use crate::accounts::{NewExternalAccount, Scope, ServiceKey, Subscription, SubscriptionStatus};
+use crate::identity::SecretToken;
+use crate::ids::{AccountId, ServiceKeyId};
+use crate::metering::window::Window;
+use crate::metering::{EventContext, Idempotency, UsageRequest, WindowCheck};
+use crate::plans::{Allowance, Catalog, Meter, MeterKind, Plan, WindowLimit};
+use crate::store::{Store, StoreError};
+
+fn meter(kind: MeterKind) -> Meter {
+    Meter { kind, unit: None, names: Default::default(), deny_status: 402, lease_seconds: None }
+}
+
+fn plan(key: &str, default: bool, limit: i64) -> Plan {
+    let mut p = Catalog::builtin().default_plan().clone();
+    p.key = key.into();
+    p.default = default;
+    p.allowances.insert(
+        "messages".into(),
+        Allowance::Counter { windows: vec![WindowLimit { window: Window::Day, limit: Some(limit) }] },
+    );
+    p
+}
+
+fn catalog(plans: Vec<Plan>) -> Catalog {
+    Catalog {
+        meters: [("messages".to_owned(), meter(MeterKind::Counter))].into(),
+        plans: plans.into_iter().map(|p| (p.key.clone(), p)).collect(),
+    }
+}
+
+async fn external(store: &Arc<dyn Store>, external_id: &str) -> AccountId {
+    let new = NewExternalAccount {
+        id: AccountId::new(),
+        external_id: external_id.into(),
+        name: Some("Customer".into()),
+        email: None,
+        created_at: t0(),
+    };
+    store.upsert_external_account(new).await.unwrap().0.id
+}
+
+fn window(window: Window, key: &str, limit: Option<i64>) -> WindowCheck {
+    WindowCheck { window, limit, count_keys: vec![key.into()], increment_key: key.into(), resets_at: None }
+}
+
+/// Each test uses one instant throughout, so a run that crosses midnight cannot split
+/// its daily rollup in two.
+fn consume(now: Timestamp, account: AccountId, amount: i64, windows: Vec<WindowCheck>) -> UsageRequest {
+    UsageRequest {
+        account,
+        meter: "messages".into(),
+        amount,
+        windows,
+        dry_run: false,
+        idempotency: None,
+        context: EventContext { endpoint: Some("/chat".into()), metadata: None, ip: Some("10.0.0.1".into()) },
+        now,
+    }
+}
+
+fn day(now: Timestamp) -> String {
+    let d = now.date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+pub async fn catalog_apply_is_idempotent_and_archives_plans_in_use(store: Arc<dyn Store>) {
+    let now = t0();
+    assert!(store.stored_catalog().await.unwrap().is_none());
+    let first = catalog(vec![plan("free", true, 5), plan("pro", false, 100), plan("old", false, 1)]);
+    let changes = store.apply_catalog(&first, now).await.unwrap();
+    assert_eq!(changes.created.len(), 4, "{changes:?}");
+    assert_eq!(store.stored_catalog().await.unwrap().unwrap(), first);
+    let again = store.apply_catalog(&first, now).await.unwrap();
+    assert!(again.created.is_empty() && again.updated.is_empty() && again.deleted.is_empty());
+    assert_eq!(again.unchanged.len(), 4);
+    // "pro" is in use by a subscription, "old" is not.
+    let account = external(&store, "cus_1").await;
+    let sub = Subscription {
+        account_id: account,
+        plan: "pro".into(),
+        status: SubscriptionStatus::Active,
+        provider: "manual".into(),
+        started_at: now,
+        trial_ends_at: None,
+        cancel_at_period_end: false,
+        updated_at: now,
+    };
+    store.put_subscription(sub, audit("subscription.changed", now)).await.unwrap();
+    let second = catalog(vec![plan("free", true, 10)]);
+    let changes = store.apply_catalog(&second, now).await.unwrap();
+    assert_eq!(changes.updated, vec!["plan free".to_owned()]);
+    assert_eq!(changes.archived, vec!["plan pro".to_owned()]);
+    assert_eq!(changes.deleted, vec!["plan old".to_owned()]);
+    assert_eq!(store.stored_catalog().await.unwrap().unwrap(), second, "archived plans are not active");
+    // Declaring it again brings it back.
+    let third = catalog(vec![plan("free", true, 10), plan("pro", false, 100)]);
+    let changes = store.apply_catalog(&third, now).await.unwrap();
+    assert_eq!(changes.updated, vec!["plan pro".to_owned()]);
+}
+
+pub async fn external_accounts_are_idempotent(store: Arc<dyn Store>) {
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let new = NewExternalAccount {
+                id: AccountId::new(),
+                external_id: "cus_42".into(),
+                name: None,
+                email: Some("billing@example.com".into()),
+                created_at: t0(),
+            };
+            store.upsert_external_account(new).await.unwrap()
+        }));
+    }
+    let mut ids = Vec::new();
+    let mut created = 0;
+    for t in tasks {
+        let (account, was_created) = t.await.unwrap();
+        created += usize::from(was_created);
+        ids.push(account.id);
+    }
+    assert_eq!(created, 1);
+    ids.dedup();
+    assert_eq!(ids.len(), 1);
+    let account = store.account_by_external_id("cus_42").await.unwrap().unwrap();
+    assert_eq!(account.id, ids[0]);
+    assert_eq!(account.email.as_deref(), Some("billing@example.com"));
+    assert_eq!(store.account_by_id(ids[0]).await.unwrap().unwrap(), account);
+    assert!(store.account_by_external_id("cus_43").await.unwrap().is_none());
+    assert!(store.account_by_id(AccountId::new()).await.unwrap().is_none());
+    // A user's personal account is an account too.
+    let user = store.create_user(new_user("ada@example.com", t0()), None, audit("a", t0())).await.unwrap();
+    let personal = store.account_by_id(user.account_id).await.unwrap().unwrap();
+    assert_eq!(personal.kind, crate::accounts::AccountKind::Personal);
+}
+
+pub async fn subscriptions_are_one_per_account(store: Arc<dyn Store>) {
+    let now = t0();
+    let account = external(&store, "cus_1").await;
+    assert!(store.subscription(account).await.unwrap().is_none());
+    let mut sub = Subscription {
+        account_id: account,
+        plan: "pro".into(),
+        status: SubscriptionStatus::Trialing,
+        provider: "manual".into(),
+        started_at: now,
+        trial_ends_at: Some(now + Duration::days(14)),
+        cancel_at_period_end: false,
+        updated_at: now,
+    };
+    store.put_subscription(sub.clone(), audit("s", now)).await.unwrap();
+    assert_eq!(store.subscription(account).await.unwrap().unwrap(), sub);
+    sub.plan = "max".into();
+    sub.status = SubscriptionStatus::Active;
+    sub.cancel_at_period_end = true;
+    sub.trial_ends_at = None;
+    store.put_subscription(sub.clone(), audit("s", now)).await.unwrap();
+    assert_eq!(store.subscription(account).await.unwrap().unwrap(), sub);
+    let ghost = Subscription { account_id: AccountId::new(), ..sub };
+    assert!(matches!(store.put_subscription(ghost, audit("s", now)).await, Err(StoreError::NotFound)));
+}
+
+pub async fn service_keys_are_found_by_digest(store: Arc<dyn Store>) {
+    let now = t0();
+    let secret = SecretToken::generate();
+    let key = ServiceKey {
+        id: ServiceKeyId::new(),
+        name: "backend".into(),
+        prefix: secret.expose()[..8].to_owned(),
+        scopes: vec![Scope::UsageWrite, Scope::AccountsRead],
+        created_at: now,
+        revoked_at: None,
+    };
+    store.create_service_key(key.clone(), secret.digest(), audit("service_key.created", now)).await.unwrap();
+    assert_eq!(store.service_key_by_digest(&secret.digest()).await.unwrap().unwrap(), key);
+    assert!(store.service_key_by_digest(&SecretToken::generate().digest()).await.unwrap().is_none());
+}
+
+pub async fn consume_counts_all_windows_or_none(store: Arc<dyn Store>) {
+    let now = t0();
+    let account = external(&store, "cus_1").await;
+    let windows = || vec![window(Window::Day, "d:today", Some(5)), window(Window::Month, "m:this", Some(7))];
+    for i in 1..=5 {
+        let d = store.consume_usage(consume(now, account, 1, windows())).await.unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.windows[0].used, i);
+        assert_eq!(d.windows[0].remaining, Some(5 - i));
+        assert_eq!(d.windows[0].warning, i >= 4);
+    }
+    // The day is full: denied, and the month is not counted either.
+    let d = store.consume_usage(consume(now, account, 1, windows())).await.unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.denied_by, Some(Window::Day));
+    assert_eq!(d.windows[1].used, 5);
+    // Tomorrow (a new day key) the month still has 2 left: 3 is refused, 2 fits.
+    let tomorrow = || vec![window(Window::Day, "d:tomorrow", Some(5)), window(Window::Month, "m:this", Some(7))];
+    let d = store.consume_usage(consume(now, account, 3, tomorrow())).await.unwrap();
+    assert_eq!((d.allowed, d.denied_by), (false, Some(Window::Month)));
+    let d = store.consume_usage(consume(now, account, 2, tomorrow())).await.unwrap();
+    assert!(d.allowed);
+    assert_eq!(d.windows[1].remaining, Some(0));
+    let keys = vec![
+        vec!["d:today".to_owned()],
+        vec!["m:this".to_owned()],
+        vec!["d:today".to_owned(), "d:tomorrow".to_owned()],
+    ];
+    assert_eq!(store.counter_values(account, "messages", &keys).await.unwrap(), vec![5, 7, 7]);
+    let daily = store.usage_daily(account, Some("messages"), &day(now), &day(now)).await.unwrap();
+    assert_eq!(daily.len(), 1);
+    assert_eq!((daily[0].consumed, daily[0].denied), (7, 2));
+    // Unlimited windows count but never deny; dry runs count nothing.
+    let mut check = consume(now, account, 1_000_000, vec![window(Window::Lifetime, "l", None)]);
+    check.dry_run = true;
+    assert!(store.consume_usage(check.clone()).await.unwrap().allowed);
+    assert_eq!(store.counter_values(account, "messages", &[vec!["l".into()]]).await.unwrap(), vec![0]);
+    check.dry_run = false;
+    assert_eq!(store.consume_usage(check).await.unwrap().windows[0].used, 1_000_000);
+}
+
+pub async fn consume_is_exact_under_concurrency(store: Arc<dyn Store>) {
+    let now = t0();
+    const TASKS: usize = 64;
+    const EACH: usize = 200;
+    const LIMIT: i64 = 10_000;
+    let account = external(&store, "cus_hot").await;
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut granted = 0i64;
+            for _ in 0..EACH {
+                let windows =
+                    vec![window(Window::Day, "d:1", Some(LIMIT)), window(Window::Month, "m:1", Some(LIMIT + 500))];
+                if store.consume_usage(consume(now, account, 1, windows)).await.unwrap().allowed {
+                    granted += 1;
+                }
+            }
+            granted
+        }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        granted += t.await.unwrap();
+    }
+    assert_eq!(granted, LIMIT, "exactly the limit was granted");
+    let keys = vec![vec!["d:1".to_owned()], vec!["m:1".to_owned()]];
+    assert_eq!(store.counter_values(account, "messages", &keys).await.unwrap(), vec![LIMIT, LIMIT]);
+    let daily = store.usage_daily(account, None, &day(now), &day(now)).await.unwrap();
+    assert_eq!(daily[0].consumed, LIMIT, "the events agree with the counter");
+    assert_eq!(daily[0].denied, (TASKS * EACH) as i64 - LIMIT);
+}
+
+pub async fn idempotent_consume_replays_and_conflicts(store: Arc<dyn Store>) {
+    let now = t0();
+    let account = external(&store, "cus_1").await;
+    let idem = |hash: &str| Idempotency { scope: "key:test".into(), key: "req-1".into(), request_hash: hash.into() };
+    let request = |hash: &str| {
+        let mut r = consume(now, account, 2, vec![window(Window::Day, "d:1", Some(10))]);
+        r.idempotency = Some(idem(hash));
+        r
+    };
+    // Replayed concurrently: counted once.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        let r = request("h1");
+        tasks.push(tokio::spawn(async move { store.consume_usage(r).await.unwrap() }));
+    }
+    let mut decisions = Vec::new();
+    for t in tasks {
+        decisions.push(t.await.unwrap());
+    }
+    assert_eq!(decisions.iter().filter(|d| !d.replayed).count(), 1);
+    assert!(decisions.iter().all(|d| d.allowed && d.windows[0].used == 2), "replays carry the first answer");
+    assert_eq!(store.counter_values(account, "messages", &[vec!["d:1".into()]]).await.unwrap(), vec![2]);
+    // Same key, another request: refused, nothing counted.
+    let other = store.consume_usage(request("h2")).await;
+    assert!(matches!(other, Err(StoreError::Conflict("idempotency_key"))), "{other:?}");
+    assert_eq!(store.counter_values(account, "messages", &[vec!["d:1".into()]]).await.unwrap(), vec![2]);
+}
+
+pub async fn consume_for_an_unknown_account_is_not_found(store: Arc<dyn Store>) {
+    let r = store.consume_usage(consume(t0(), AccountId::new(), 1, vec![window(Window::Day, "d:1", Some(10))])).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+}

@@ -1,0 +1,190 @@
+//! Metering: the decisions of the hot path. Core turns a plan's allowance into the
+//! window instances to check ([`UsageRequest`]); the store checks and increments them
+//! atomically (all windows or none) and records the event; core then explains the
+//! answer (remaining, warning at 80%, which plans would allow it).
+//! Window arithmetic is pure and lives in [`window`].
+
+pub mod quotas;
+pub mod window;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Timestamp;
+use crate::ids::AccountId;
+use crate::plans::{Allowance, Catalog, WindowLimit};
+use window::Window;
+
+/// At or above this share of a limit, answers carry a warning.
+pub const WARNING_RATIO: f64 = 0.8;
+
+/// One window instance of a counter, as the store sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowCheck {
+    pub window: Window,
+    /// `None`: unlimited (still counted, for analytics and the answer).
+    pub limit: Option<i64>,
+    /// Counter rows whose sum is the usage (one row; several buckets for rolling).
+    pub count_keys: Vec<String>,
+    /// The row a consume increments.
+    pub increment_key: String,
+    pub resets_at: Option<Timestamp>,
+}
+
+impl WindowCheck {
+    pub fn for_limit(limit: &WindowLimit, now: Timestamp, anchor: Option<Timestamp>) -> Self {
+        let count_keys = match limit.window {
+            Window::Rolling { seconds } => window::rolling_bucket_keys(seconds, now),
+            other => vec![window::key(other, now, anchor)],
+        };
+        Self {
+            window: limit.window,
+            limit: limit.limit,
+            increment_key: window::key(limit.window, now, anchor),
+            count_keys,
+            resets_at: window::resets_at(limit.window, now, anchor),
+        }
+    }
+}
+
+/// Where a decision came from, for the usage event.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventContext {
+    pub endpoint: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+    pub ip: Option<String>,
+}
+
+/// An idempotency key with the fingerprint of the request it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Idempotency {
+    /// What the key is scoped to (the caller and the route), so two integrators'
+    /// keys never collide.
+    pub scope: String,
+    pub key: String,
+    /// SHA-256 of the canonical request: same key + other body is refused.
+    pub request_hash: String,
+}
+
+/// A consume (or a dry-run check) of a counter meter.
+#[derive(Clone, Debug)]
+pub struct UsageRequest {
+    pub account: AccountId,
+    pub meter: String,
+    pub amount: i64,
+    pub windows: Vec<WindowCheck>,
+    /// Check only: count nothing, record nothing.
+    pub dry_run: bool,
+    pub idempotency: Option<Idempotency>,
+    pub context: EventContext,
+    pub now: Timestamp,
+}
+
+/// One window in an answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowState {
+    pub window: Window,
+    pub limit: Option<i64>,
+    /// Usage after this request (when it was counted) or as it stands (when not).
+    pub used: i64,
+    pub remaining: Option<i64>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub resets_at: Option<Timestamp>,
+    pub warning: bool,
+}
+
+/// The store's answer to a usage request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageDecision {
+    pub allowed: bool,
+    pub windows: Vec<WindowState>,
+    /// The first window that had no room, when denied.
+    pub denied_by: Option<Window>,
+    /// True when this answer is the stored answer of an earlier request with the same
+    /// idempotency key (nothing was counted again).
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+impl WindowState {
+    pub fn new(check: &WindowCheck, used: i64) -> Self {
+        let remaining = check.limit.map(|l| (l - used).max(0));
+        let warning = check.limit.is_some_and(|l| l > 0 && used as f64 >= WARNING_RATIO * l as f64);
+        Self { window: check.window, limit: check.limit, used, remaining, resets_at: check.resets_at, warning }
+    }
+}
+
+/// Decides a request against current usage (`used[i]` for `checks[i]`): allowed only
+/// if every limited window has room for `amount`. Pure, shared by both stores so they
+/// cannot disagree on the rule.
+pub fn decide(checks: &[WindowCheck], used: &[i64], amount: i64) -> (bool, Option<Window>) {
+    for (check, used) in checks.iter().zip(used) {
+        if let Some(limit) = check.limit
+            && used.saturating_add(amount) > limit
+        {
+            return (false, Some(check.window));
+        }
+    }
+    (true, None)
+}
+
+/// The counter windows of `meter` under `allowance`, or `None` when the plan does not
+/// allow the meter at all (treated as a limit of zero by the caller).
+pub fn counter_checks(
+    allowance: Option<&Allowance>,
+    now: Timestamp,
+    anchor: Option<Timestamp>,
+) -> Option<Vec<WindowCheck>> {
+    match allowance {
+        Some(Allowance::Counter { windows }) => {
+            Some(windows.iter().map(|w| WindowCheck::for_limit(w, now, anchor)).collect())
+        }
+        _ => None,
+    }
+}
+
+/// Plans (in display order) under which `amount` more would fit, given the usage per
+/// window in `windows`: what an upgrade would give.
+pub fn plans_that_allow(catalog: &Catalog, meter: &str, windows: &[WindowState], amount: i64) -> Vec<String> {
+    catalog
+        .public_plans()
+        .into_iter()
+        .filter(|plan| match plan.allowances.get(meter) {
+            Some(Allowance::Counter { windows: limits }) => windows.iter().all(|state| {
+                // A window the plan does not limit is unlimited under it.
+                limits.iter().find(|l| l.window == state.window).and_then(|l| l.limit).is_none_or(|l| {
+                    let used_before = if state.remaining.is_some() { state.used } else { 0 };
+                    used_before + amount <= l
+                })
+            }),
+            _ => false,
+        })
+        .map(|p| p.key.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(limit: Option<i64>, window: Window) -> WindowCheck {
+        WindowCheck { window, limit, count_keys: vec!["k".into()], increment_key: "k".into(), resets_at: None }
+    }
+
+    #[test]
+    fn all_windows_must_have_room() {
+        let checks = [check(Some(5), Window::Day), check(Some(150), Window::Month)];
+        assert_eq!(decide(&checks, &[4, 100], 1), (true, None));
+        assert_eq!(decide(&checks, &[5, 100], 1), (false, Some(Window::Day)));
+        assert_eq!(decide(&checks, &[0, 150], 1), (false, Some(Window::Month)));
+        assert_eq!(decide(&[check(None, Window::Day)], &[i64::MAX], 1), (true, None));
+    }
+
+    #[test]
+    fn warning_at_eighty_percent() {
+        let c = check(Some(10), Window::Day);
+        assert!(!WindowState::new(&c, 7).warning);
+        assert!(WindowState::new(&c, 8).warning);
+        assert_eq!(WindowState::new(&c, 12).remaining, Some(0));
+        assert!(!WindowState::new(&check(None, Window::Day), 1_000).warning);
+    }
+}

@@ -1,0 +1,406 @@
+//! Plans and meters as declared in the plans file: what is counted (meters, by kind),
+//! what each plan allows (limits per meter, per window), feature flags, rate limits per
+//! scope, prices and names per locale. [`Catalog::from_file`] validates a whole file
+//! at once, so a bad plans file is refused before anything changes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metering::window::Window;
+use crate::ratelimit::RateLimit;
+
+/// How a meter counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MeterKind {
+    /// Consumed, resets per window (messages per day).
+    Counter,
+    /// A level that goes up and down (storage used).
+    Gauge,
+    /// Leases held at once, each expiring (simulations running).
+    Concurrency,
+    /// The largest amount allowed in one request (iterations per simulation).
+    Cap,
+    /// A boolean entitlement (GPU access).
+    Flag,
+}
+
+/// A meter as declared.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meter {
+    pub kind: MeterKind,
+    /// Display unit, e.g. `message`, `byte`.
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// Names per locale, for the product's UI.
+    #[serde(default)]
+    pub names: BTreeMap<String, String>,
+    /// HTTP status of a denial: 402 (quota, "upgrade") or 429 ("slow down").
+    #[serde(default = "default_deny_status")]
+    pub deny_status: u16,
+    /// Concurrency meters: how long a lease lives unless released or renewed.
+    #[serde(default)]
+    pub lease_seconds: Option<u64>,
+}
+
+fn default_deny_status() -> u16 {
+    402
+}
+
+/// One window of a counter limit; `limit: None` is unlimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowLimit {
+    pub window: Window,
+    pub limit: Option<i64>,
+}
+
+/// What a plan allows for one meter, shaped by the meter's kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Allowance {
+    /// Every window must have room (all or nothing).
+    Counter {
+        windows: Vec<WindowLimit>,
+    },
+    /// Highest level; `None` unlimited.
+    Gauge {
+        max: Option<i64>,
+    },
+    /// Leases at once; `None` unlimited.
+    Concurrency {
+        max: Option<i64>,
+    },
+    /// Largest single amount; `None` unlimited.
+    Cap {
+        max: Option<i64>,
+    },
+    Flag {
+        enabled: bool,
+    },
+}
+
+/// A price in integer minor units (cents; XOF has none).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub amount: i64,
+    /// ISO 4217, upper case.
+    pub currency: String,
+    /// `month`, `year` or `one_time`.
+    pub period: String,
+}
+
+/// A plan after validation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub key: String,
+    pub names: BTreeMap<String, String>,
+    pub descriptions: BTreeMap<String, String>,
+    pub prices: Vec<Price>,
+    pub trial_days: u32,
+    /// Arbitrary JSON feature flags and settings (`gpu_access = true`, `support = "email"`).
+    pub features: BTreeMap<String, serde_json::Value>,
+    pub allowances: BTreeMap<String, Allowance>,
+    pub rate_limits: BTreeMap<String, RateLimit>,
+    /// Scales every rate limit of the plan (1.0 = as declared).
+    pub rate_limit_multiplier: f64,
+    pub visible: bool,
+    pub order: i64,
+    pub default: bool,
+}
+
+impl Plan {
+    pub fn name(&self, locale: &str) -> &str {
+        self.names
+            .get(locale)
+            .or_else(|| self.names.get("en"))
+            .or_else(|| self.names.values().next())
+            .map_or(&self.key, |s| s)
+    }
+
+    pub fn description(&self, locale: &str) -> Option<&str> {
+        self.descriptions.get(locale).or_else(|| self.descriptions.get("en")).map(String::as_str)
+    }
+
+    /// The plan's limit for a rate-limit scope, multiplier applied.
+    pub fn rate_limit(&self, scope: &str) -> Option<RateLimit> {
+        self.rate_limits.get(scope).map(|l| RateLimit {
+            requests: ((f64::from(l.requests) * self.rate_limit_multiplier).round() as u32).max(1),
+            window_seconds: l.window_seconds,
+        })
+    }
+}
+
+/// A plan as written in the file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSpec {
+    #[serde(default)]
+    pub names: BTreeMap<String, String>,
+    #[serde(default)]
+    pub descriptions: BTreeMap<String, String>,
+    #[serde(default)]
+    pub prices: Vec<Price>,
+    #[serde(default)]
+    pub trial_days: u32,
+    #[serde(default)]
+    pub features: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub limits: BTreeMap<String, LimitSpec>,
+    #[serde(default)]
+    pub rate_limits: BTreeMap<String, RateLimit>,
+    #[serde(default = "one")]
+    pub rate_limit_multiplier: f64,
+    #[serde(default = "yes")]
+    pub visible: bool,
+    #[serde(default)]
+    pub order: i64,
+    #[serde(default)]
+    pub default: bool,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+
+/// A limit as written: `1000`, `true`, `"unlimited"`, `{ window = "day", limit = 5 }`
+/// or a list of those tables (several windows at once).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum LimitSpec {
+    Number(i64),
+    Bool(bool),
+    Word(String),
+    Window(WindowSpec),
+    Windows(Vec<WindowSpec>),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSpec {
+    pub window: Window,
+    /// A number, or `"unlimited"` (absent also means unlimited).
+    #[serde(default)]
+    pub limit: Option<LimitNumber>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum LimitNumber {
+    Number(i64),
+    Word(String),
+}
+
+/// The plans file: meters and plans.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanFile {
+    #[serde(default)]
+    pub meters: BTreeMap<String, Meter>,
+    #[serde(default)]
+    pub plans: BTreeMap<String, PlanSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{location}: {problem}")]
+pub struct PlanError {
+    pub location: String,
+    pub problem: String,
+}
+
+fn err(location: impl Into<String>, problem: impl Into<String>) -> PlanError {
+    PlanError { location: location.into(), problem: problem.into() }
+}
+
+/// Validated meters and plans.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub meters: BTreeMap<String, Meter>,
+    pub plans: BTreeMap<String, Plan>,
+}
+
+/// Keys are what integrators type in API calls: keep them boring.
+fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 64
+        && key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn unlimited_word(word: &str) -> bool {
+    word.eq_ignore_ascii_case("unlimited")
+}
+
+impl Catalog {
+    /// The catalog used when there is no plans file: one free plan, no meters.
+    pub fn builtin() -> Self {
+        let free = Plan {
+            key: "free".into(),
+            names: [("en".to_owned(), "Free".to_owned()), ("fr".to_owned(), "Gratuit".to_owned())].into(),
+            descriptions: BTreeMap::new(),
+            prices: vec![],
+            trial_days: 0,
+            features: BTreeMap::new(),
+            allowances: BTreeMap::new(),
+            rate_limits: BTreeMap::new(),
+            rate_limit_multiplier: 1.0,
+            visible: true,
+            order: 0,
+            default: true,
+        };
+        Self { meters: BTreeMap::new(), plans: [("free".to_owned(), free)].into() }
+    }
+
+    /// Validates a whole file; every problem is reported with where it is.
+    pub fn from_file(file: PlanFile) -> Result<Self, Vec<PlanError>> {
+        let mut errors = Vec::new();
+        for (key, meter) in &file.meters {
+            let at = format!("meters.{key}");
+            if !valid_key(key) {
+                errors.push(err(&at, "keys use a-z, 0-9, _ and - (at most 64)"));
+            }
+            if meter.deny_status != 402 && meter.deny_status != 429 {
+                errors.push(err(&at, "deny_status must be 402 or 429"));
+            }
+            match (meter.kind, meter.lease_seconds) {
+                (MeterKind::Concurrency, Some(0)) => errors.push(err(&at, "lease_seconds must be positive")),
+                (MeterKind::Concurrency, _) => {}
+                (_, Some(_)) => errors.push(err(&at, "lease_seconds is only for concurrency meters")),
+                _ => {}
+            }
+        }
+        let mut plans = BTreeMap::new();
+        for (key, spec) in file.plans {
+            let at = format!("plans.{key}");
+            if !valid_key(&key) {
+                errors.push(err(&at, "keys use a-z, 0-9, _ and - (at most 64)"));
+            }
+            for price in &spec.prices {
+                if price.amount < 0 {
+                    errors.push(err(&at, "a price cannot be negative"));
+                }
+                if price.currency.len() != 3 || !price.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+                    errors.push(err(
+                        &at,
+                        format!("currency {:?} is not an ISO 4217 code like EUR or XOF", price.currency),
+                    ));
+                }
+                if !["month", "year", "one_time"].contains(&price.period.as_str()) {
+                    errors.push(err(&at, "price period must be month, year or one_time"));
+                }
+            }
+            if !(spec.rate_limit_multiplier.is_finite() && spec.rate_limit_multiplier > 0.0) {
+                errors.push(err(&at, "rate_limit_multiplier must be positive"));
+            }
+            for (scope, limit) in &spec.rate_limits {
+                if limit.requests == 0 || limit.window_seconds == 0 {
+                    errors
+                        .push(err(format!("{at}.rate_limits.{scope}"), "requests and window_seconds must be positive"));
+                }
+            }
+            let mut allowances = BTreeMap::new();
+            for (meter_key, limit) in spec.limits {
+                let at = format!("{at}.limits.{meter_key}");
+                let Some(meter) = file.meters.get(&meter_key) else {
+                    errors.push(err(&at, "no such meter is declared under [meters]"));
+                    continue;
+                };
+                match allowance(meter.kind, limit) {
+                    Ok(a) => {
+                        allowances.insert(meter_key, a);
+                    }
+                    Err(problem) => errors.push(err(&at, problem)),
+                }
+            }
+            plans.insert(
+                key.clone(),
+                Plan {
+                    key,
+                    names: spec.names,
+                    descriptions: spec.descriptions,
+                    prices: spec.prices,
+                    trial_days: spec.trial_days,
+                    features: spec.features,
+                    allowances,
+                    rate_limits: spec.rate_limits,
+                    rate_limit_multiplier: spec.rate_limit_multiplier,
+                    visible: spec.visible,
+                    order: spec.order,
+                    default: spec.default,
+                },
+            );
+        }
+        match plans.values().filter(|p| p.default).count() {
+            1 => {}
+            0 => errors.push(err("plans", "exactly one plan must have default = true")),
+            _ => errors.push(err("plans", "only one plan may have default = true")),
+        }
+        if errors.is_empty() { Ok(Self { meters: file.meters, plans }) } else { Err(errors) }
+    }
+
+    pub fn default_plan(&self) -> &Plan {
+        self.plans.values().find(|p| p.default).expect("a validated catalog has a default plan")
+    }
+
+    /// Visible plans in display order.
+    pub fn public_plans(&self) -> Vec<&Plan> {
+        let mut plans: Vec<&Plan> = self.plans.values().filter(|p| p.visible).collect();
+        plans.sort_by(|a, b| a.order.cmp(&b.order).then_with(|| a.key.cmp(&b.key)));
+        plans
+    }
+}
+
+fn limit_number(n: Option<LimitNumber>) -> Result<Option<i64>, String> {
+    match n {
+        None => Ok(None),
+        Some(LimitNumber::Number(n)) if n >= 0 => Ok(Some(n)),
+        Some(LimitNumber::Number(_)) => Err("a limit cannot be negative (use \"unlimited\")".into()),
+        Some(LimitNumber::Word(w)) if unlimited_word(&w) => Ok(None),
+        Some(LimitNumber::Word(w)) => Err(format!("{w:?} is not a number or \"unlimited\"")),
+    }
+}
+
+fn allowance(kind: MeterKind, spec: LimitSpec) -> Result<Allowance, String> {
+    let max = |spec: LimitSpec| -> Result<Option<i64>, String> {
+        match spec {
+            LimitSpec::Number(n) if n >= 0 => Ok(Some(n)),
+            LimitSpec::Number(_) => Err("a limit cannot be negative (use \"unlimited\")".into()),
+            LimitSpec::Word(w) if unlimited_word(&w) => Ok(None),
+            other => Err(format!("expected a number or \"unlimited\", got {other:?}")),
+        }
+    };
+    match kind {
+        MeterKind::Counter => {
+            let windows = match spec {
+                LimitSpec::Window(w) => vec![w],
+                LimitSpec::Windows(ws) if !ws.is_empty() => ws,
+                // Unlimited still counts per month, so usage shows in entitlements.
+                LimitSpec::Word(w) if unlimited_word(&w) => {
+                    return Ok(Allowance::Counter {
+                        windows: vec![WindowLimit { window: Window::Month, limit: None }],
+                    });
+                }
+                _ => return Err("a counter needs { window = \"...\", limit = N } or a list of them".into()),
+            };
+            let mut out = Vec::with_capacity(windows.len());
+            for w in windows {
+                if out.iter().any(|o: &WindowLimit| o.window == w.window) {
+                    return Err(format!("window {} is given twice", w.window.as_string()));
+                }
+                out.push(WindowLimit { window: w.window, limit: limit_number(w.limit)? });
+            }
+            Ok(Allowance::Counter { windows: out })
+        }
+        MeterKind::Gauge => Ok(Allowance::Gauge { max: max(spec)? }),
+        MeterKind::Concurrency => Ok(Allowance::Concurrency { max: max(spec)? }),
+        MeterKind::Cap => Ok(Allowance::Cap { max: max(spec)? }),
+        MeterKind::Flag => match spec {
+            LimitSpec::Bool(enabled) => Ok(Allowance::Flag { enabled }),
+            _ => Err("a flag is true or false".into()),
+        },
+    }
+}

@@ -1,0 +1,138 @@
+//! The plans file and the catalog in memory. The file (TOML) is validated whole, then
+//! applied to the database (`tollgate plans apply`, and at every start); the server
+//! keeps the applied catalog in memory for the hot path.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use tollgate_core::Store;
+use tollgate_core::plans::{Catalog, PlanFile};
+use tollgate_core::store::CatalogChanges;
+
+/// Reads and validates a plans file; every problem is listed in the error.
+pub fn load_file(path: &Path) -> anyhow::Result<Catalog> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading plans file {}", path.display()))?;
+    parse(&text).with_context(|| format!("plans file {}", path.display()))
+}
+
+pub fn parse(text: &str) -> anyhow::Result<Catalog> {
+    let file: PlanFile = toml::from_str(text).context("not a valid plans file")?;
+    Catalog::from_file(file).map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(|e| format!("  - {e}")).collect();
+        anyhow::anyhow!("invalid plans:\n{}", list.join("\n"))
+    })
+}
+
+/// The catalog to apply at start: the plans file when it exists, else the built-in
+/// free plan (only when nothing was ever applied, so a running deployment's plans are
+/// never replaced by the built-in one because a file went missing).
+pub async fn at_start(store: &Arc<dyn Store>, path: &Path) -> anyhow::Result<Catalog> {
+    if path.exists() {
+        let catalog = load_file(path)?;
+        let changes = store.apply_catalog(&catalog, time::OffsetDateTime::now_utc()).await?;
+        log_changes(&changes);
+        return Ok(catalog);
+    }
+    match store.stored_catalog().await? {
+        Some(stored) => Ok(stored),
+        None => {
+            let builtin = Catalog::builtin();
+            store.apply_catalog(&builtin, time::OffsetDateTime::now_utc()).await?;
+            tracing::info!(path = %path.display(), "no plans file: using the built-in free plan");
+            Ok(builtin)
+        }
+    }
+}
+
+fn log_changes(changes: &CatalogChanges) {
+    if !(changes.created.is_empty()
+        && changes.updated.is_empty()
+        && changes.archived.is_empty()
+        && changes.deleted.is_empty())
+    {
+        tracing::info!(
+            created = ?changes.created,
+            updated = ?changes.updated,
+            archived = ?changes.archived,
+            deleted = ?changes.deleted,
+            "plans applied"
+        );
+    }
+}
+
+/// Human-readable summary for `tollgate plans apply`.
+pub fn describe(changes: &CatalogChanges) -> String {
+    let mut out = String::new();
+    for (label, items) in [
+        ("created", &changes.created),
+        ("updated", &changes.updated),
+        ("archived (still in use)", &changes.archived),
+        ("deleted", &changes.deleted),
+        ("unchanged", &changes.unchanged),
+    ] {
+        if !items.is_empty() {
+            out.push_str(&format!("{label}: {}\n", items.join(", ")));
+        }
+    }
+    out
+}
+
+/// The catalog shared by handlers; swapped whole when plans change.
+#[derive(Clone)]
+pub struct SharedCatalog(Arc<RwLock<Arc<Catalog>>>);
+
+impl SharedCatalog {
+    pub fn new(catalog: Catalog) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(catalog))))
+    }
+
+    pub fn get(&self) -> Arc<Catalog> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, catalog: Catalog) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(catalog);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_plans_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/plans");
+        let mut loaded = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let catalog = load_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            assert!(catalog.plans.len() >= 2, "{}", path.display());
+            loaded += 1;
+        }
+        assert_eq!(loaded, 4);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_place() {
+        let err = parse(
+            r#"
+            [meters.messages]
+            kind = "counter"
+            [plans.free]
+            prices = [{ amount = -1, currency = "usd", period = "month" }]
+            [plans.free.limits]
+            messages = 5
+            nope = 1
+            "#,
+        )
+        .unwrap_err();
+        let text = format!("{err:#}");
+        for expected in
+            ["plans.free.limits.messages", "plans.free.limits.nope", "negative", "ISO 4217", "default = true"]
+        {
+            assert!(text.contains(expected), "{expected} missing in {text}");
+        }
+        assert!(parse("[plans.free]\ndefault = true\nmystery = 1").is_err(), "unknown keys are errors");
+    }
+}

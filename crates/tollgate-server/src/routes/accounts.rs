@@ -1,0 +1,293 @@
+//! `/v1/accounts/*`: customers of a product that keeps its own users (bring your own
+//! identity), named by Tollgate id or `ext:<external id>`; their plan, entitlements and
+//! usage. Called by the product's backend with a service key.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tollgate_core::accounts::{
+    Account, MAX_EXTERNAL_ID_LEN, NewExternalAccount, Scope, Subscription, SubscriptionStatus,
+};
+use tollgate_core::audit::{Actor, AuditEvent};
+use tollgate_core::ids::AccountId;
+use tollgate_core::metering::quotas::Entitlements;
+use tollgate_core::store::DailyUsage;
+use utoipa::{IntoParams, ToSchema};
+
+use super::views::ErrorResponse;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, CurrentUser, Origin};
+use crate::service_key::Service;
+use crate::state::AppState;
+
+/// `{id}` is a Tollgate account id or `ext:<external id>`.
+pub async fn resolve_account(state: &AppState, id: &str) -> Result<Account, ApiError> {
+    let account = match id.strip_prefix("ext:") {
+        Some(external) => state.store.account_by_external_id(external).await?,
+        None => match id.parse::<AccountId>() {
+            Ok(id) => state.store.account_by_id(id).await?,
+            Err(_) => None,
+        },
+    };
+    account.ok_or(ApiError::NotFound)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccount {
+    /// Your own id for the customer; creating twice returns the same account.
+    pub external_id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    /// A plan to subscribe the new account to (manual provider).
+    pub plan: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AccountView {
+    pub id: uuid::Uuid,
+    pub kind: String,
+    pub external_id: Option<String>,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+impl From<&Account> for AccountView {
+    fn from(a: &Account) -> Self {
+        Self {
+            id: a.id.0,
+            kind: a.kind.as_str().to_owned(),
+            external_id: a.external_id.clone(),
+            name: a.name.clone(),
+            email: a.email.clone(),
+            created_at: a.created_at,
+        }
+    }
+}
+
+fn check_create(body: &CreateAccount) -> Result<(), ApiError> {
+    use tollgate_core::identity::flows::FieldError;
+    let mut errors = Vec::new();
+    if body.external_id.trim().is_empty() || body.external_id.len() > MAX_EXTERNAL_ID_LEN {
+        errors.push(FieldError {
+            field: "external_id",
+            code: "invalid",
+            message: format!("1 to {MAX_EXTERNAL_ID_LEN} characters"),
+        });
+    }
+    if body.name.as_ref().is_some_and(|n| n.chars().count() > 200) {
+        errors.push(FieldError { field: "name", code: "too_long", message: "at most 200 characters".into() });
+    }
+    if let Some(email) = &body.email
+        && tollgate_core::identity::EmailAddress::parse(email).is_err()
+    {
+        errors.push(FieldError { field: "email", code: "invalid_email", message: "not a valid email address".into() });
+    }
+    if errors.is_empty() { Ok(()) } else { Err(ApiError::Validation(errors)) }
+}
+
+/// Creates an external customer (or returns it when `external_id` exists: 200).
+#[utoipa::path(post, path = "/v1/accounts", tag = "accounts", security(("bearer" = [])), request_body = CreateAccount,
+    responses(
+        (status = 201, description = "Created", body = AccountView),
+        (status = 200, description = "Already existed", body = AccountView),
+        (status = 403, description = "`insufficient_scope`: needs `accounts:write`", body = ErrorResponse),
+        (status = 422, description = "Invalid fields or unknown plan", body = ErrorResponse),
+    ))]
+pub async fn create_account(
+    State(state): State<AppState>,
+    service: Service,
+    Origin(origin): Origin,
+    ApiJson(body): ApiJson<CreateAccount>,
+) -> ApiResult<(StatusCode, Json<AccountView>)> {
+    service.require(Scope::AccountsWrite)?;
+    check_create(&body)?;
+    let catalog = state.catalog.get();
+    if let Some(plan) = &body.plan
+        && !catalog.plans.contains_key(plan)
+    {
+        return Err(ApiError::UnknownPlan(plan.clone()));
+    }
+    let now = OffsetDateTime::now_utc();
+    let new = NewExternalAccount {
+        id: AccountId::new(),
+        external_id: body.external_id.trim().to_owned(),
+        name: body.name,
+        email: body.email.map(|e| e.trim().to_lowercase()),
+        created_at: now,
+    };
+    let (account, created) = state.store.upsert_external_account(new).await?;
+    if created && let Some(plan) = body.plan.filter(|p| *p != catalog.default_plan().key) {
+        subscribe(&state, &service, &origin, &account, &plan, 0).await?;
+    }
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(AccountView::from(&account))))
+}
+
+async fn subscribe(
+    state: &AppState,
+    service: &Service,
+    origin: &tollgate_core::audit::RequestOrigin,
+    account: &Account,
+    plan: &str,
+    trial_days: u32,
+) -> Result<Subscription, ApiError> {
+    let now = OffsetDateTime::now_utc();
+    let subscription = Subscription {
+        account_id: account.id,
+        plan: plan.to_owned(),
+        status: if trial_days > 0 { SubscriptionStatus::Trialing } else { SubscriptionStatus::Active },
+        provider: "manual".into(),
+        started_at: now,
+        trial_ends_at: (trial_days > 0).then(|| now + time::Duration::days(i64::from(trial_days))),
+        cancel_at_period_end: false,
+        updated_at: now,
+    };
+    let audit = AuditEvent::new(Actor::System, "subscription.changed", origin, now)
+        .meta("service_key_id", service.0.id.to_string())
+        .meta("account_id", account.id.to_string())
+        .meta("plan", plan);
+    state.store.put_subscription(subscription.clone(), audit).await?;
+    Ok(subscription)
+}
+
+/// An account by id or `ext:<external id>`.
+#[utoipa::path(get, path = "/v1/accounts/{id}", tag = "accounts", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Account id or `ext:<external id>`")),
+    responses(
+        (status = 200, description = "The account", body = AccountView),
+        (status = 404, description = "No such account", body = ErrorResponse),
+    ))]
+pub async fn get_account(
+    State(state): State<AppState>,
+    service: Service,
+    Path(id): Path<String>,
+) -> ApiResult<Json<AccountView>> {
+    service.require(Scope::AccountsRead)?;
+    Ok(Json(AccountView::from(&resolve_account(&state, &id).await?)))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeBody {
+    pub plan: String,
+    /// Start with a trial of this many days.
+    #[serde(default)]
+    pub trial_days: u32,
+}
+
+/// Puts the account on a plan now (manual provider; Stripe comes with billing).
+#[utoipa::path(post, path = "/v1/accounts/{id}/subscription", tag = "accounts", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Account id or `ext:<external id>`")), request_body = SubscribeBody,
+    responses(
+        (status = 200, description = "Subscribed; the new entitlements", body = Object),
+        (status = 404, description = "No such account", body = ErrorResponse),
+        (status = 422, description = "Unknown plan", body = ErrorResponse),
+    ))]
+pub async fn put_subscription(
+    State(state): State<AppState>,
+    service: Service,
+    Origin(origin): Origin,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<SubscribeBody>,
+) -> ApiResult<Json<Entitlements>> {
+    service.require(Scope::AccountsWrite)?;
+    let account = resolve_account(&state, &id).await?;
+    if !state.catalog.get().plans.contains_key(&body.plan) {
+        return Err(ApiError::UnknownPlan(body.plan));
+    }
+    if body.trial_days > 366 {
+        return Err(ApiError::Validation(vec![tollgate_core::identity::flows::FieldError {
+            field: "trial_days",
+            code: "too_long",
+            message: "at most 366 days".into(),
+        }]));
+    }
+    subscribe(&state, &service, &origin, &account, &body.plan, body.trial_days).await?;
+    Ok(Json(state.quotas.entitlements(&state.catalog.get(), account).await?))
+}
+
+/// The account's plan, features, and every meter's limits with current usage.
+#[utoipa::path(get, path = "/v1/accounts/{id}/entitlements", tag = "accounts", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Account id or `ext:<external id>`")),
+    responses(
+        (status = 200, description = "Entitlements with usage, `can_consume`, `needs_upgrade`", body = Object),
+        (status = 404, description = "No such account", body = ErrorResponse),
+    ))]
+pub async fn entitlements(
+    State(state): State<AppState>,
+    service: Service,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Entitlements>> {
+    service.require(Scope::UsageRead)?;
+    let account = resolve_account(&state, &id).await?;
+    Ok(Json(state.quotas.entitlements(&state.catalog.get(), account).await?))
+}
+
+/// The signed-in user's personal account: plan, features, limits and usage.
+#[utoipa::path(get, path = "/v1/me/entitlements", tag = "me", security(("bearer" = [])),
+    responses((status = 200, description = "Entitlements with usage", body = Object)))]
+pub async fn my_entitlements(State(state): State<AppState>, current: CurrentUser) -> ApiResult<Json<Entitlements>> {
+    let account = state.store.account_by_id(current.user.account_id).await?.ok_or(ApiError::NotFound)?;
+    Ok(Json(state.quotas.entitlements(&state.catalog.get(), account).await?))
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct UsageQuery {
+    /// First day, `YYYY-MM-DD` (default: 30 days ago).
+    pub from: Option<String>,
+    /// Last day, `YYYY-MM-DD` (default: today).
+    pub to: Option<String>,
+    pub meter: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UsageSeries {
+    #[schema(value_type = Vec<Object>)]
+    pub days: Vec<DailyUsage>,
+}
+
+fn day(s: &str, field: &'static str) -> Result<String, ApiError> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(s, format).map(|_| s.to_owned()).map_err(|_| {
+        ApiError::Validation(vec![tollgate_core::identity::flows::FieldError {
+            field,
+            code: "invalid_date",
+            message: "expected YYYY-MM-DD".into(),
+        }])
+    })
+}
+
+/// Daily consumed and denied totals per meter.
+#[utoipa::path(get, path = "/v1/accounts/{id}/usage", tag = "accounts", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Account id or `ext:<external id>`"), UsageQuery),
+    responses(
+        (status = 200, description = "Daily totals", body = UsageSeries),
+        (status = 404, description = "No such account", body = ErrorResponse),
+        (status = 422, description = "Bad dates", body = ErrorResponse),
+    ))]
+pub async fn usage(
+    State(state): State<AppState>,
+    service: Service,
+    Path(id): Path<String>,
+    Query(query): Query<UsageQuery>,
+) -> ApiResult<Json<UsageSeries>> {
+    service.require(Scope::UsageRead)?;
+    let account = resolve_account(&state, &id).await?;
+    let today = OffsetDateTime::now_utc().date();
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let to = match &query.to {
+        Some(s) => day(s, "to")?,
+        None => today.format(format).map_err(|e| ApiError::Internal(e.to_string()))?,
+    };
+    let from = match &query.from {
+        Some(s) => day(s, "from")?,
+        None => (today - time::Duration::days(30)).format(format).map_err(|e| ApiError::Internal(e.to_string()))?,
+    };
+    let days = state.store.usage_daily(account.id, query.meter.as_deref(), &from, &to).await?;
+    Ok(Json(UsageSeries { days }))
+}

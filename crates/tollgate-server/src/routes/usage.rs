@@ -1,0 +1,224 @@
+//! `/v1/usage/*`: the hot path. A product's backend (service key with `usage:write`)
+//! checks or consumes a meter for an account. Answers carry each window's limit, use,
+//! remaining and reset, `X-Quota-*` headers, and on denial a 402 (or the meter's
+//! status) saying which plans would allow it.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tollgate_core::accounts::Scope;
+use tollgate_core::metering::quotas::{ConsumeInput, ConsumeOutcome};
+use tollgate_core::metering::{EventContext, Idempotency, WindowState};
+use utoipa::ToSchema;
+
+use super::accounts::resolve_account;
+use super::views::ErrorResponse;
+use crate::error::{ApiError, ApiResult, ceil_secs};
+use crate::extract::{ApiJson, Origin};
+use crate::service_key::Service;
+use crate::state::AppState;
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageBody {
+    /// Account id, or `ext:<your customer id>`.
+    pub account: String,
+    pub meter: String,
+    /// Units to check or consume (default 1).
+    #[serde(default = "one")]
+    pub amount: i64,
+    /// Your endpoint or feature, recorded with the usage event.
+    pub endpoint: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UsageAnswer {
+    pub allowed: bool,
+    pub account_id: uuid::Uuid,
+    pub meter: String,
+    pub amount: i64,
+    /// The plan in force.
+    pub plan: String,
+    /// Per window: limit (null = unlimited), used, remaining, resets_at, warning.
+    #[schema(value_type = Vec<Object>)]
+    pub windows: Vec<WindowState>,
+    /// Some window is at or above 80% of its limit.
+    pub warning: bool,
+    /// Plans under which a denied request would have been allowed.
+    pub upgrade_plans: Vec<String>,
+    /// This answer repeats the first answer to the same `Idempotency-Key`.
+    pub replayed: bool,
+}
+
+fn validate(body: &UsageBody) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    if body.amount <= 0 {
+        errors.push(field("amount", "must_be_positive", "amount must be a positive integer"));
+    }
+    if body.meter.is_empty() || body.meter.len() > 64 {
+        errors.push(field("meter", "invalid", "meter must be 1 to 64 characters"));
+    }
+    if body.endpoint.as_ref().is_some_and(|e| e.len() > 200) {
+        errors.push(field("endpoint", "too_long", "endpoint must be at most 200 characters"));
+    }
+    if body.metadata.as_ref().is_some_and(|m| m.to_string().len() > 4096) {
+        errors.push(field("metadata", "too_long", "metadata must be at most 4 KiB of JSON"));
+    }
+    if errors.is_empty() { Ok(()) } else { Err(ApiError::Validation(errors)) }
+}
+
+fn field(field: &'static str, code: &'static str, message: &str) -> tollgate_core::identity::flows::FieldError {
+    tollgate_core::identity::flows::FieldError { field, code, message: message.to_owned() }
+}
+
+/// The `Idempotency-Key`, scoped to the calling key and route, with the request's
+/// fingerprint (canonical JSON: serde_json sorts object keys).
+fn idempotency(
+    headers: &HeaderMap,
+    service: &Service,
+    route: &str,
+    body: &UsageBody,
+) -> Result<Option<Idempotency>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value.to_str().map_err(|_| ApiError::InvalidIdempotencyKey)?.trim();
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ApiError::InvalidIdempotencyKey);
+    }
+    let canonical = serde_json::to_value(body).map_err(|e| ApiError::Internal(e.to_string()))?.to_string();
+    let hash = Sha256::digest(canonical.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Some(Idempotency { scope: format!("svc:{}:{route}", service.0.id), key: key.to_owned(), request_hash: hash }))
+}
+
+fn answer(outcome: ConsumeOutcome, account_id: uuid::Uuid, meter: String, amount: i64) -> Response {
+    let decision = outcome.decision;
+    let warning = decision.windows.iter().any(|w| w.warning);
+    // The tightest limited window drives the quota headers.
+    let tightest =
+        decision.windows.iter().filter(|w| w.limit.is_some()).min_by_key(|w| w.remaining.unwrap_or(i64::MAX));
+    let denied_window = decision.denied_by.and_then(|d| decision.windows.iter().find(|w| w.window == d));
+    let body = UsageAnswer {
+        allowed: decision.allowed,
+        account_id,
+        meter: meter.clone(),
+        amount,
+        plan: outcome.plan,
+        windows: decision.windows.clone(),
+        warning,
+        upgrade_plans: outcome.upgrade_plans.clone(),
+        replayed: decision.replayed,
+    };
+    let mut response = if decision.allowed {
+        (StatusCode::OK, Json(body)).into_response()
+    } else {
+        let status = StatusCode::from_u16(outcome.meter.deny_status).unwrap_or(StatusCode::PAYMENT_REQUIRED);
+        let details = serde_json::json!({
+            "meter": meter,
+            "amount": amount,
+            "window": denied_window.map(|w| w.window.as_string()),
+            "limit": denied_window.and_then(|w| w.limit),
+            "used": denied_window.map(|w| w.used),
+            "resets_at": denied_window.and_then(|w| w.resets_at).map(|t| t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()),
+            "upgrade_plans": outcome.upgrade_plans,
+            "plan": body.plan,
+            "windows": body.windows,
+        });
+        let error = serde_json::json!({ "error": { "code": "quota_exceeded", "message": format!("quota exceeded for {meter}"), "details": details } });
+        let mut response = (status, Json(error)).into_response();
+        if let Some(resets_at) = denied_window.and_then(|w| w.resets_at) {
+            let wait = (resets_at - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+            let secs = ceil_secs(std::time::Duration::try_from(wait).unwrap_or_default()).max(1);
+            response.headers_mut().insert("retry-after", HeaderValue::from(secs));
+        }
+        response
+    };
+    if let Some(w) = tightest {
+        let headers = response.headers_mut();
+        if let Some(limit) = w.limit {
+            headers.insert("x-quota-limit", HeaderValue::from(limit));
+        }
+        if let Some(remaining) = w.remaining {
+            headers.insert("x-quota-remaining", HeaderValue::from(remaining));
+        }
+        if let Some(reset) = w.resets_at {
+            headers.insert("x-quota-reset", HeaderValue::from(reset.unix_timestamp()));
+        }
+    }
+    response
+}
+
+async fn run(
+    state: AppState,
+    service: Service,
+    origin: tollgate_core::audit::RequestOrigin,
+    headers: HeaderMap,
+    body: UsageBody,
+    dry_run: bool,
+) -> ApiResult<Response> {
+    service.require(Scope::UsageWrite)?;
+    validate(&body)?;
+    let route = if dry_run { "check" } else { "consume" };
+    let idempotency = if dry_run { None } else { idempotency(&headers, &service, route, &body)? };
+    let account = resolve_account(&state, &body.account).await?;
+    let input = ConsumeInput {
+        account: account.id,
+        meter: body.meter.clone(),
+        amount: body.amount,
+        dry_run,
+        idempotency,
+        context: EventContext { endpoint: body.endpoint.clone(), metadata: body.metadata.clone(), ip: origin.ip },
+    };
+    let outcome = state.quotas.consume(&state.catalog.get(), input).await?;
+    Ok(answer(outcome, account.id.0, body.meter, body.amount))
+}
+
+/// Would `amount` fit in every window? Counts nothing.
+#[utoipa::path(post, path = "/v1/usage/check", tag = "usage", security(("bearer" = [])), request_body = UsageBody,
+    responses(
+        (status = 200, description = "Allowed", body = UsageAnswer),
+        (status = 402, description = "`quota_exceeded` (or the meter's `deny_status`), with the window, reset and upgrade plans", body = ErrorResponse),
+        (status = 403, description = "`insufficient_scope`: needs `usage:write`", body = ErrorResponse),
+        (status = 404, description = "No such account", body = ErrorResponse),
+        (status = 422, description = "Invalid body or unknown meter", body = ErrorResponse),
+    ))]
+pub async fn check(
+    State(state): State<AppState>,
+    service: Service,
+    Origin(origin): Origin,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<UsageBody>,
+) -> ApiResult<Response> {
+    run(state, service, origin, headers, body, true).await
+}
+
+/// Consumes `amount` in every window of the meter, all or nothing. With an
+/// `Idempotency-Key`, a retry replays the first answer and counts nothing.
+#[utoipa::path(post, path = "/v1/usage/consume", tag = "usage", security(("bearer" = [])), request_body = UsageBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body count once")),
+    responses(
+        (status = 200, description = "Consumed", body = UsageAnswer),
+        (status = 402, description = "`quota_exceeded` (or the meter's `deny_status`), with the window, reset and upgrade plans", body = ErrorResponse),
+        (status = 403, description = "`insufficient_scope`: needs `usage:write`", body = ErrorResponse),
+        (status = 404, description = "No such account", body = ErrorResponse),
+        (status = 422, description = "Invalid body, unknown meter, or an `Idempotency-Key` reused with another body", body = ErrorResponse),
+    ))]
+pub async fn consume(
+    State(state): State<AppState>,
+    service: Service,
+    Origin(origin): Origin,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<UsageBody>,
+) -> ApiResult<Response> {
+    run(state, service, origin, headers, body, false).await
+}

@@ -1,0 +1,212 @@
+//! `/v1/usage/*`: the seed scenarios, idempotency, concurrency and bad input over HTTP.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{Reply, TestApp};
+
+async fn app_with(plans: &str) -> (TestApp, String) {
+    let app = TestApp::builder().example_plans(plans).start().await;
+    let key = app.service_key(&["usage:write", "usage:read", "accounts:write"]).await;
+    (app, key)
+}
+
+async fn customer(app: &TestApp, key: &str, external_id: &str, plan: Option<&str>) {
+    let r = app.post_auth("/v1/accounts", key, json!({ "external_id": external_id, "plan": plan })).await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+}
+
+async fn consume(app: &TestApp, key: &str, account: &str, meter: &str, amount: i64) -> Reply {
+    app.post_auth("/v1/usage/consume", key, json!({ "account": account, "meter": meter, "amount": amount })).await
+}
+
+#[tokio::test]
+async fn chatbot_messages_per_day_and_per_month() {
+    let (app, key) = app_with("chatbot.toml").await;
+    customer(&app, &key, "awa", None).await;
+    for i in 1..=5 {
+        let r = consume(&app, &key, "ext:awa", "messages", 1).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.body["windows"][0]["window"], "day");
+        assert_eq!(r.body["windows"][0]["used"], i);
+        assert_eq!(r.body["windows"][1]["used"], i);
+        assert_eq!(r.body["warning"], i >= 4, "80% warning at 4 of 5");
+        assert_eq!(r.headers["x-quota-limit"], "5");
+        assert_eq!(r.headers["x-quota-remaining"].to_str().unwrap(), (5 - i).to_string());
+        assert!(r.headers.contains_key("x-quota-reset"));
+    }
+    let r = consume(&app, &key, "ext:awa", "messages", 1).await;
+    assert_eq!((r.status, r.code()), (StatusCode::PAYMENT_REQUIRED, "quota_exceeded"));
+    let details = &r.body["error"]["details"];
+    assert_eq!(details["window"], "day");
+    assert_eq!(details["limit"], 5);
+    assert_eq!(details["used"], 5);
+    assert!(details["resets_at"].as_str().unwrap().ends_with("T00:00:00Z"), "{details}");
+    assert_eq!(details["upgrade_plans"], json!(["pro", "max", "enterprise"]));
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=86_400).contains(&retry));
+    // The check endpoint agrees and counts nothing; the quota status says it all.
+    let r = app.post_auth("/v1/usage/check", &key, json!({ "account": "ext:awa", "meter": "messages" })).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
+    let r = app.get_auth("/v1/accounts/ext:awa/entitlements", &key).await;
+    assert_eq!((r.body["can_consume"].clone(), r.body["needs_upgrade"].clone()), (json!(false), json!(true)));
+    // Tokens are a separate meter with a monthly limit; an upgrade lifts both.
+    assert_eq!(consume(&app, &key, "ext:awa", "tokens", 1200).await.status, StatusCode::OK);
+    app.post_auth("/v1/accounts/ext:awa/subscription", &key, json!({ "plan": "pro" })).await;
+    let r = consume(&app, &key, "ext:awa", "messages", 1).await;
+    assert_eq!(r.status, StatusCode::OK, "pro allows 100 a day: {:?}", r.body);
+    assert_eq!(r.body["plan"], "pro");
+    assert_eq!(r.body["windows"][0]["used"], 6, "usage carries over the plan change");
+    // Daily rollups.
+    let r = app.get_auth("/v1/accounts/ext:awa/usage?meter=messages", &key).await;
+    assert_eq!(r.body["days"][0]["consumed"], 6);
+    assert_eq!(r.body["days"][0]["denied"], 1, "the check did not count as a denial");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn monte_carlo_caps_flags_and_monthly_simulations() {
+    let (app, key) = app_with("monte-carlo.toml").await;
+    customer(&app, &key, "lab", None).await;
+    let r = consume(&app, &key, "ext:lab", "iterations_per_simulation", 1000).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = consume(&app, &key, "ext:lab", "iterations_per_simulation", 1001).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(r.body["error"]["details"]["upgrade_plans"], json!(["basic", "pro", "enterprise"]));
+    let r = consume(&app, &key, "ext:lab", "iterations_per_simulation", 1000).await;
+    assert_eq!(r.status, StatusCode::OK, "a cap counts nothing");
+    let r = consume(&app, &key, "ext:lab", "gpu_access", 1).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(r.body["error"]["details"]["upgrade_plans"], json!(["basic", "pro", "enterprise"]));
+    let r = consume(&app, &key, "ext:lab", "simulations", 100).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["windows"][0]["window"], "month");
+    let r = consume(&app, &key, "ext:lab", "simulations", 1).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
+    assert!(r.body["error"]["details"]["resets_at"].as_str().unwrap().contains("-01T00:00:00Z"));
+    let r = consume(&app, &key, "ext:lab", "concurrent_simulations", 1).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_meter_kind"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn medical_imaging_lifetime_quota_and_429_meters() {
+    let (app, key) = app_with("medical-imaging.toml").await;
+    customer(&app, &key, "clinic", None).await;
+    let r = consume(&app, &key, "ext:clinic", "api_calls_l3_detect", 200).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["windows"][0]["window"], "lifetime");
+    assert!(r.body["windows"][0]["resets_at"].is_null());
+    let r = consume(&app, &key, "ext:clinic", "api_calls_l3_detect", 1).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
+    assert!(r.body["error"]["details"]["resets_at"].is_null());
+    assert!(!r.headers.contains_key("retry-after"), "a lifetime quota never resets");
+    assert_eq!(r.body["error"]["details"]["upgrade_plans"], json!(["research"]));
+    let r = consume(&app, &key, "ext:clinic", "api_calls_segmentation", 1001).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "this meter denies with 429");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idempotent_consumes_count_once() {
+    let (app, key) = app_with("chatbot.toml").await;
+    customer(&app, &key, "awa", None).await;
+    let send = |idem: &'static str, amount: i64| {
+        let client = app.client.clone();
+        let url = app.url("/v1/usage/consume");
+        let key = key.clone();
+        async move {
+            let res = client
+                .post(url)
+                .bearer_auth(key)
+                .header("idempotency-key", idem)
+                .json(&json!({ "account": "ext:awa", "meter": "tokens", "amount": amount }))
+                .send()
+                .await
+                .unwrap();
+            let status = res.status();
+            (status, res.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        tasks.push(tokio::spawn(send("req-1", 100)));
+    }
+    let mut fresh = 0;
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["windows"][0]["used"], 100);
+        fresh += usize::from(body["replayed"] == false);
+    }
+    assert_eq!(fresh, 1);
+    let (status, body) = send("req-1", 101).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused"))
+    );
+    let (_, body) = send("req-2", 1).await;
+    assert_eq!(body["windows"][0]["used"], 101);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_consumes_never_exceed_the_limit() {
+    let (app, key) = app_with("medical-imaging.toml").await;
+    customer(&app, &key, "clinic", None).await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let client = app.client.clone();
+        let url = app.url("/v1/usage/consume");
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut granted = 0;
+            for _ in 0..20 {
+                let body = json!({ "account": "ext:clinic", "meter": "api_calls_l3_detect" });
+                let res = client.post(&url).bearer_auth(&key).json(&body).send().await.unwrap();
+                match res.status() {
+                    StatusCode::OK => granted += 1,
+                    StatusCode::PAYMENT_REQUIRED => {}
+                    other => panic!("{other}"),
+                }
+            }
+            granted
+        }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        granted += t.await.unwrap();
+    }
+    assert_eq!(granted, 200);
+    let r = app.get_auth("/v1/accounts/ext:clinic/entitlements", &key).await;
+    let meter =
+        r.body["meters"].as_array().unwrap().iter().find(|m| m["meter"] == "api_calls_l3_detect").unwrap().clone();
+    assert_eq!(meter["windows"][0]["used"], 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_usage_requests_are_clear_4xx() {
+    let (app, key) = app_with("chatbot.toml").await;
+    customer(&app, &key, "awa", None).await;
+    for (body, status, code) in [
+        (json!({ "account": "ext:awa", "meter": "messages", "amount": 0 }), 422, "validation_failed"),
+        (json!({ "account": "ext:awa", "meter": "messages", "amount": -3 }), 422, "validation_failed"),
+        (json!({ "account": "ext:awa", "meter": "messages", "amount": 1e30 }), 422, "invalid_body"),
+        (json!({ "account": "ext:awa", "meter": "messages", "amount": "1" }), 422, "invalid_body"),
+        (json!({ "account": "ext:awa", "meter": "messages", "extra": true }), 422, "invalid_body"),
+        (json!({ "account": "ext:awa", "meter": "nope" }), 422, "unknown_meter"),
+        (json!({ "account": "ext:ghost", "meter": "messages" }), 404, "not_found"),
+        (json!({ "meter": "messages" }), 422, "invalid_body"),
+    ] {
+        let r = app.post_auth("/v1/usage/consume", &key, body.clone()).await;
+        assert_eq!((r.status.as_u16(), r.code()), (status, code), "{body}: {:?}", r.body);
+    }
+    let reader = app.service_key(&["usage:read"]).await;
+    let r = consume(&app, &reader, "ext:awa", "messages", 1).await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "insufficient_scope"));
+    let r = app.post_auth("/v1/usage/consume", &key, json!({ "account": "ext:awa", "meter": "messages" })).await;
+    assert_eq!(r.status, StatusCode::OK, "after all those, the first real consume succeeds");
+    assert_eq!(r.body["windows"][0]["used"], 1, "nothing was half-written");
+    app.stop().await;
+}

@@ -1,0 +1,474 @@
+//! Plans, accounts, service keys and usage on SQLite: the bodies of the corresponding
+//! `Store` methods (the trait impl in `store.rs` delegates here).
+
+use sqlx::sqlite::{Sqlite, SqliteConnection, SqliteRow};
+use sqlx::{QueryBuilder, Row};
+use tollgate_core::accounts::{
+    Account, AccountKind, NewExternalAccount, Scope, ServiceKey, Subscription, SubscriptionStatus,
+};
+use tollgate_core::audit::AuditEvent;
+use tollgate_core::identity::TokenDigest;
+use tollgate_core::ids::{AccountId, ServiceKeyId, UsageEventId};
+use tollgate_core::metering::{self, UsageDecision, UsageRequest, WindowState};
+use tollgate_core::plans::{Catalog, Meter, Plan};
+use tollgate_core::store::{CatalogChanges, DailyUsage};
+use tollgate_core::{StoreError, Timestamp};
+use uuid::Uuid;
+
+use crate::rows::{from_micros, micros};
+use crate::store::insert_audit;
+use crate::{SqliteStore, db_error};
+
+fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError::Internal(format!("stored JSON: {e}"))
+}
+
+pub(crate) async fn apply_catalog(
+    store: &SqliteStore,
+    catalog: &Catalog,
+    now: Timestamp,
+) -> Result<CatalogChanges, StoreError> {
+    let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    let mut changes = CatalogChanges::default();
+    let now = micros(now);
+
+    let existing: Vec<(String, String)> =
+        sqlx::query_as("SELECT key, definition FROM meters").fetch_all(&mut *tx).await.map_err(db_error)?;
+    for (key, meter) in &catalog.meters {
+        let definition = serde_json::to_string(meter).map_err(json_err)?;
+        let label = format!("meter {key}");
+        match existing.iter().find(|(k, _)| k == key) {
+            Some((_, old)) if *old == definition => changes.unchanged.push(label),
+            Some(_) => {
+                sqlx::query("UPDATE meters SET definition = ?2, updated_at = ?3 WHERE key = ?1")
+                    .bind(key)
+                    .bind(&definition)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                changes.updated.push(label);
+            }
+            None => {
+                sqlx::query("INSERT INTO meters (key, definition, updated_at) VALUES (?1, ?2, ?3)")
+                    .bind(key)
+                    .bind(&definition)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                changes.created.push(label);
+            }
+        }
+    }
+    for (key, _) in existing.iter().filter(|(k, _)| !catalog.meters.contains_key(k)) {
+        sqlx::query("DELETE FROM meters WHERE key = ?1").bind(key).execute(&mut *tx).await.map_err(db_error)?;
+        changes.deleted.push(format!("meter {key}"));
+    }
+
+    let existing: Vec<(String, String, Option<i64>)> =
+        sqlx::query_as("SELECT key, definition, archived_at FROM plans").fetch_all(&mut *tx).await.map_err(db_error)?;
+    for (key, plan) in &catalog.plans {
+        let definition = serde_json::to_string(plan).map_err(json_err)?;
+        let label = format!("plan {key}");
+        match existing.iter().find(|(k, _, _)| k == key) {
+            Some((_, old, None)) if *old == definition => changes.unchanged.push(label),
+            Some(_) => {
+                sqlx::query("UPDATE plans SET definition = ?2, archived_at = NULL, updated_at = ?3 WHERE key = ?1")
+                    .bind(key)
+                    .bind(&definition)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                changes.updated.push(label);
+            }
+            None => {
+                sqlx::query("INSERT INTO plans (key, definition, updated_at) VALUES (?1, ?2, ?3)")
+                    .bind(key)
+                    .bind(&definition)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                changes.created.push(label);
+            }
+        }
+    }
+    for (key, _, archived_at) in existing.iter().filter(|(k, _, _)| !catalog.plans.contains_key(k)) {
+        let in_use: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM subscriptions WHERE plan_key = ?1)")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        if in_use {
+            if archived_at.is_none() {
+                sqlx::query("UPDATE plans SET archived_at = ?2, updated_at = ?2 WHERE key = ?1")
+                    .bind(key)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                changes.archived.push(format!("plan {key}"));
+            }
+        } else {
+            sqlx::query("DELETE FROM plans WHERE key = ?1").bind(key).execute(&mut *tx).await.map_err(db_error)?;
+            changes.deleted.push(format!("plan {key}"));
+        }
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(changes)
+}
+
+pub(crate) async fn stored_catalog(store: &SqliteStore) -> Result<Option<Catalog>, StoreError> {
+    // One read transaction: both lists from the same snapshot.
+    let mut tx = store.reader.begin().await.map_err(db_error)?;
+    let meters: Vec<(String, String)> =
+        sqlx::query_as("SELECT key, definition FROM meters").fetch_all(&mut *tx).await.map_err(db_error)?;
+    let plans: Vec<(String, String)> = sqlx::query_as("SELECT key, definition FROM plans WHERE archived_at IS NULL")
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
+    if meters.is_empty() && plans.is_empty() {
+        return Ok(None);
+    }
+    let meters = meters
+        .into_iter()
+        .map(|(k, d)| Ok((k, serde_json::from_str::<Meter>(&d).map_err(json_err)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let plans = plans
+        .into_iter()
+        .map(|(k, d)| Ok((k, serde_json::from_str::<Plan>(&d).map_err(json_err)?)))
+        .collect::<Result<_, StoreError>>()?;
+    Ok(Some(Catalog { meters, plans }))
+}
+
+macro_rules! account_columns {
+    () => {
+        "id, kind, name, external_id, email, created_at"
+    };
+}
+
+fn account(row: &SqliteRow) -> Result<Account, StoreError> {
+    let kind: String = row.try_get("kind").map_err(db_error)?;
+    Ok(Account {
+        id: AccountId(row.try_get::<Uuid, _>("id").map_err(db_error)?),
+        kind: AccountKind::parse(&kind).ok_or_else(|| StoreError::Internal(format!("account kind {kind:?}")))?,
+        name: row.try_get("name").map_err(db_error)?,
+        external_id: row.try_get("external_id").map_err(db_error)?,
+        email: row.try_get("email").map_err(db_error)?,
+        created_at: from_micros(row.try_get("created_at").map_err(db_error)?)?,
+    })
+}
+
+pub(crate) async fn upsert_external_account(
+    store: &SqliteStore,
+    new: NewExternalAccount,
+) -> Result<(Account, bool), StoreError> {
+    let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    let inserted = sqlx::query(
+        "INSERT INTO accounts (id, kind, name, external_id, email, created_at) VALUES (?1, 'external', ?2, ?3, ?4, ?5) \
+         ON CONFLICT (external_id) DO NOTHING",
+    )
+    .bind(new.id.0)
+    .bind(&new.name)
+    .bind(&new.external_id)
+    .bind(&new.email)
+    .bind(micros(new.created_at))
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?
+    .rows_affected()
+        == 1;
+    let row = sqlx::query(concat!("SELECT ", account_columns!(), " FROM accounts WHERE external_id = ?1"))
+        .bind(&new.external_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
+    Ok((account(&row)?, inserted))
+}
+
+pub(crate) async fn account_by_id(store: &SqliteStore, id: AccountId) -> Result<Option<Account>, StoreError> {
+    let row = sqlx::query(concat!("SELECT ", account_columns!(), " FROM accounts WHERE id = ?1"))
+        .bind(id.0)
+        .fetch_optional(&store.reader)
+        .await
+        .map_err(db_error)?;
+    row.as_ref().map(account).transpose()
+}
+
+pub(crate) async fn account_by_external_id(
+    store: &SqliteStore,
+    external_id: &str,
+) -> Result<Option<Account>, StoreError> {
+    let row = sqlx::query(concat!("SELECT ", account_columns!(), " FROM accounts WHERE external_id = ?1"))
+        .bind(external_id)
+        .fetch_optional(&store.reader)
+        .await
+        .map_err(db_error)?;
+    row.as_ref().map(account).transpose()
+}
+
+pub(crate) async fn subscription(store: &SqliteStore, account: AccountId) -> Result<Option<Subscription>, StoreError> {
+    let row = sqlx::query(
+        "SELECT plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, updated_at \
+         FROM subscriptions WHERE account_id = ?1",
+    )
+    .bind(account.0)
+    .fetch_optional(&store.reader)
+    .await
+    .map_err(db_error)?;
+    let Some(row) = row else { return Ok(None) };
+    let status: String = row.try_get("status").map_err(db_error)?;
+    let trial: Option<i64> = row.try_get("trial_ends_at").map_err(db_error)?;
+    Ok(Some(Subscription {
+        account_id: account,
+        plan: row.try_get("plan_key").map_err(db_error)?,
+        status: SubscriptionStatus::parse(&status).ok_or_else(|| StoreError::Internal(format!("status {status:?}")))?,
+        provider: row.try_get("provider").map_err(db_error)?,
+        started_at: from_micros(row.try_get("started_at").map_err(db_error)?)?,
+        trial_ends_at: trial.map(from_micros).transpose()?,
+        cancel_at_period_end: row.try_get("cancel_at_period_end").map_err(db_error)?,
+        updated_at: from_micros(row.try_get("updated_at").map_err(db_error)?)?,
+    }))
+}
+
+pub(crate) async fn put_subscription(
+    store: &SqliteStore,
+    s: Subscription,
+    audit: AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    sqlx::query(
+        "INSERT INTO subscriptions (account_id, plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+         ON CONFLICT (account_id) DO UPDATE SET plan_key = excluded.plan_key, status = excluded.status, \
+           provider = excluded.provider, started_at = excluded.started_at, trial_ends_at = excluded.trial_ends_at, \
+           cancel_at_period_end = excluded.cancel_at_period_end, updated_at = excluded.updated_at",
+    )
+    .bind(s.account_id.0)
+    .bind(&s.plan)
+    .bind(s.status.as_str())
+    .bind(&s.provider)
+    .bind(micros(s.started_at))
+    .bind(s.trial_ends_at.map(micros))
+    .bind(s.cancel_at_period_end)
+    .bind(micros(s.updated_at))
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    insert_audit(&mut tx, &audit).await?;
+    tx.commit().await.map_err(db_error)
+}
+
+pub(crate) async fn create_service_key(
+    store: &SqliteStore,
+    key: ServiceKey,
+    digest: TokenDigest,
+    audit: AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO service_keys (id, name, prefix, digest, scopes, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .bind(key.id.0)
+    .bind(&key.name)
+    .bind(&key.prefix)
+    .bind(&digest.0)
+    .bind(scopes.join(" "))
+    .bind(micros(key.created_at))
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    insert_audit(&mut tx, &audit).await?;
+    tx.commit().await.map_err(db_error)
+}
+
+pub(crate) async fn service_key_by_digest(
+    store: &SqliteStore,
+    digest: &TokenDigest,
+) -> Result<Option<ServiceKey>, StoreError> {
+    let row =
+        sqlx::query("SELECT id, name, prefix, scopes, created_at, revoked_at FROM service_keys WHERE digest = ?1")
+            .bind(&digest.0)
+            .fetch_optional(&store.reader)
+            .await
+            .map_err(db_error)?;
+    let Some(row) = row else { return Ok(None) };
+    let scopes: String = row.try_get("scopes").map_err(db_error)?;
+    let revoked: Option<i64> = row.try_get("revoked_at").map_err(db_error)?;
+    Ok(Some(ServiceKey {
+        id: ServiceKeyId(row.try_get::<Uuid, _>("id").map_err(db_error)?),
+        name: row.try_get("name").map_err(db_error)?,
+        prefix: row.try_get("prefix").map_err(db_error)?,
+        scopes: scopes.split_whitespace().filter_map(Scope::parse).collect(),
+        created_at: from_micros(row.try_get("created_at").map_err(db_error)?)?,
+        revoked_at: revoked.map(from_micros).transpose()?,
+    }))
+}
+
+/// The current usage of each window (sum of its counter rows).
+async fn window_usage(
+    conn: &mut SqliteConnection,
+    account: AccountId,
+    meter: &str,
+    keys: &[Vec<String>],
+) -> Result<Vec<i64>, StoreError> {
+    let mut used = Vec::with_capacity(keys.len());
+    for window_keys in keys {
+        let value: i64 = if let [only] = window_keys.as_slice() {
+            sqlx::query_scalar("SELECT COALESCE(SUM(used), 0) FROM usage_counters WHERE account_id = ?1 AND meter = ?2 AND window_key = ?3")
+                .bind(account.0)
+                .bind(meter)
+                .bind(only)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db_error)?
+        } else {
+            let mut sql: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT COALESCE(SUM(used), 0) FROM usage_counters WHERE account_id = ");
+            sql.push_bind(account.0).push(" AND meter = ").push_bind(meter).push(" AND window_key IN (");
+            let mut list = sql.separated(", ");
+            for key in window_keys {
+                list.push_bind(key);
+            }
+            sql.push(")");
+            sql.build_query_scalar().fetch_one(&mut *conn).await.map_err(db_error)?
+        };
+        used.push(value);
+    }
+    Ok(used)
+}
+
+pub(crate) async fn counter_values(
+    store: &SqliteStore,
+    account: AccountId,
+    meter: &str,
+    keys: &[Vec<String>],
+) -> Result<Vec<i64>, StoreError> {
+    let mut conn = store.reader.acquire().await.map_err(db_error)?;
+    window_usage(&mut conn, account, meter, keys).await
+}
+
+pub(crate) async fn usage_daily(
+    store: &SqliteStore,
+    account: AccountId,
+    meter: Option<&str>,
+    from: &str,
+    to: &str,
+) -> Result<Vec<DailyUsage>, StoreError> {
+    let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT day, meter, consumed, denied FROM usage_daily \
+         WHERE account_id = ?1 AND (?2 IS NULL OR meter = ?2) AND day >= ?3 AND day <= ?4 ORDER BY day, meter",
+    )
+    .bind(account.0)
+    .bind(meter)
+    .bind(from)
+    .bind(to)
+    .fetch_all(&store.reader)
+    .await
+    .map_err(db_error)?;
+    Ok(rows.into_iter().map(|(day, meter, consumed, denied)| DailyUsage { day, meter, consumed, denied }).collect())
+}
+
+fn day_of(now: Timestamp) -> String {
+    let d = now.date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+pub(crate) async fn consume_usage(store: &SqliteStore, request: UsageRequest) -> Result<UsageDecision, StoreError> {
+    let keys: Vec<Vec<String>> = request.windows.iter().map(|w| w.count_keys.clone()).collect();
+    if request.dry_run {
+        let used = counter_values(store, request.account, &request.meter, &keys).await?;
+        let (allowed, denied_by) = metering::decide(&request.windows, &used, request.amount);
+        let windows = request.windows.iter().zip(&used).map(|(w, u)| WindowState::new(w, *u)).collect();
+        return Ok(UsageDecision { allowed, windows, denied_by, replayed: false });
+    }
+    let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    if let Some(idem) = &request.idempotency {
+        let stored: Option<(String, String)> =
+            sqlx::query_as("SELECT request_hash, response FROM idempotency_keys WHERE scope = ?1 AND key = ?2")
+                .bind(&idem.scope)
+                .bind(&idem.key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        if let Some((hash, response)) = stored {
+            if hash != idem.request_hash {
+                return Err(StoreError::Conflict("idempotency_key"));
+            }
+            let mut decision: UsageDecision = serde_json::from_str(&response).map_err(json_err)?;
+            decision.replayed = true;
+            return Ok(decision);
+        }
+    }
+    let used = window_usage(&mut tx, request.account, &request.meter, &keys).await?;
+    let (allowed, denied_by) = metering::decide(&request.windows, &used, request.amount);
+    let now = micros(request.now);
+    if allowed {
+        for window in &request.windows {
+            sqlx::query(
+                "INSERT INTO usage_counters (account_id, meter, window_key, used) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (account_id, meter, window_key) DO UPDATE SET used = used + excluded.used",
+            )
+            .bind(request.account.0)
+            .bind(&request.meter)
+            .bind(&window.increment_key)
+            .bind(request.amount)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
+    }
+    let outcome = if allowed { "consumed" } else { "denied" };
+    sqlx::query(
+        "INSERT INTO usage_events (id, account_id, meter, outcome, amount, idempotency_key, endpoint, metadata, ip, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )
+    .bind(UsageEventId::new().0)
+    .bind(request.account.0)
+    .bind(&request.meter)
+    .bind(outcome)
+    .bind(request.amount)
+    .bind(request.idempotency.as_ref().map(|i| i.key.as_str()))
+    .bind(&request.context.endpoint)
+    .bind(request.context.metadata.as_ref().map(|m| m.to_string()))
+    .bind(&request.context.ip)
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    sqlx::query(
+        "INSERT INTO usage_daily (account_id, meter, day, consumed, denied) VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (account_id, meter, day) DO UPDATE SET consumed = consumed + excluded.consumed, denied = denied + excluded.denied",
+    )
+    .bind(request.account.0)
+    .bind(&request.meter)
+    .bind(day_of(request.now))
+    .bind(if allowed { request.amount } else { 0 })
+    .bind(i64::from(!allowed))
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let after: Vec<i64> = used.iter().map(|u| if allowed { u + request.amount } else { *u }).collect();
+    let windows = request.windows.iter().zip(&after).map(|(w, u)| WindowState::new(w, *u)).collect();
+    let decision = UsageDecision { allowed, windows, denied_by, replayed: false };
+    if let Some(idem) = &request.idempotency {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (scope, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&idem.scope)
+        .bind(&idem.key)
+        .bind(&idem.request_hash)
+        .bind(serde_json::to_string(&decision).map_err(json_err)?)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(decision)
+}
