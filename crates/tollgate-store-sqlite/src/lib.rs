@@ -9,6 +9,7 @@ mod migrations;
 mod rows;
 mod store;
 mod usage;
+mod usage_writer;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -23,6 +24,8 @@ pub use migrations::MIGRATIONS;
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Group commit of consumes (see `usage_writer`).
+    usage: usage_writer::UsageWriter,
 }
 
 impl SqliteStore {
@@ -56,7 +59,8 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(unavailable)?;
-        Ok(Self { writer, reader })
+        let usage = usage_writer::UsageWriter::spawn(writer.clone());
+        Ok(Self { writer, reader, usage })
     }
 
     /// Applies pending migrations; returns the versions applied now.

@@ -8,7 +8,7 @@ use tollgate_core::accounts::{
 };
 use tollgate_core::audit::AuditEvent;
 use tollgate_core::identity::TokenDigest;
-use tollgate_core::ids::{AccountId, ServiceKeyId, UsageEventId};
+use tollgate_core::ids::{AccountId, ServiceKeyId};
 use tollgate_core::metering::{self, UsageDecision, UsageRequest, WindowState};
 use tollgate_core::plans::{Catalog, Meter, Plan};
 use tollgate_core::store::{CatalogChanges, DailyUsage};
@@ -374,101 +374,14 @@ pub(crate) async fn usage_daily(
     Ok(rows.into_iter().map(|(day, meter, consumed, denied)| DailyUsage { day, meter, consumed, denied }).collect())
 }
 
-fn day_of(now: Timestamp) -> String {
-    let d = now.date();
-    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
-}
-
+/// Dry runs read committed usage; consumes go through the group-commit writer.
 pub(crate) async fn consume_usage(store: &SqliteStore, request: UsageRequest) -> Result<UsageDecision, StoreError> {
+    if !request.dry_run {
+        return store.usage.consume(request).await;
+    }
     let keys: Vec<Vec<String>> = request.windows.iter().map(|w| w.count_keys.clone()).collect();
-    if request.dry_run {
-        let used = counter_values(store, request.account, &request.meter, &keys).await?;
-        let (allowed, denied_by) = metering::decide(&request.windows, &used, request.amount);
-        let windows = request.windows.iter().zip(&used).map(|(w, u)| WindowState::new(w, *u)).collect();
-        return Ok(UsageDecision { allowed, windows, denied_by, replayed: false });
-    }
-    let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
-    if let Some(idem) = &request.idempotency {
-        let stored: Option<(String, String)> =
-            sqlx::query_as("SELECT request_hash, response FROM idempotency_keys WHERE scope = ?1 AND key = ?2")
-                .bind(&idem.scope)
-                .bind(&idem.key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_error)?;
-        if let Some((hash, response)) = stored {
-            if hash != idem.request_hash {
-                return Err(StoreError::Conflict("idempotency_key"));
-            }
-            let mut decision: UsageDecision = serde_json::from_str(&response).map_err(json_err)?;
-            decision.replayed = true;
-            return Ok(decision);
-        }
-    }
-    let used = window_usage(&mut tx, request.account, &request.meter, &keys).await?;
+    let used = counter_values(store, request.account, &request.meter, &keys).await?;
     let (allowed, denied_by) = metering::decide(&request.windows, &used, request.amount);
-    let now = micros(request.now);
-    if allowed {
-        for window in &request.windows {
-            sqlx::query(
-                "INSERT INTO usage_counters (account_id, meter, window_key, used) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (account_id, meter, window_key) DO UPDATE SET used = used + excluded.used",
-            )
-            .bind(request.account.0)
-            .bind(&request.meter)
-            .bind(&window.increment_key)
-            .bind(request.amount)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        }
-    }
-    let outcome = if allowed { "consumed" } else { "denied" };
-    sqlx::query(
-        "INSERT INTO usage_events (id, account_id, meter, outcome, amount, idempotency_key, endpoint, metadata, ip, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )
-    .bind(UsageEventId::new().0)
-    .bind(request.account.0)
-    .bind(&request.meter)
-    .bind(outcome)
-    .bind(request.amount)
-    .bind(request.idempotency.as_ref().map(|i| i.key.as_str()))
-    .bind(&request.context.endpoint)
-    .bind(request.context.metadata.as_ref().map(|m| m.to_string()))
-    .bind(&request.context.ip)
-    .bind(now)
-    .execute(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    sqlx::query(
-        "INSERT INTO usage_daily (account_id, meter, day, consumed, denied) VALUES (?1, ?2, ?3, ?4, ?5) \
-         ON CONFLICT (account_id, meter, day) DO UPDATE SET consumed = consumed + excluded.consumed, denied = denied + excluded.denied",
-    )
-    .bind(request.account.0)
-    .bind(&request.meter)
-    .bind(day_of(request.now))
-    .bind(if allowed { request.amount } else { 0 })
-    .bind(i64::from(!allowed))
-    .execute(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    let after: Vec<i64> = used.iter().map(|u| if allowed { u + request.amount } else { *u }).collect();
-    let windows = request.windows.iter().zip(&after).map(|(w, u)| WindowState::new(w, *u)).collect();
-    let decision = UsageDecision { allowed, windows, denied_by, replayed: false };
-    if let Some(idem) = &request.idempotency {
-        sqlx::query(
-            "INSERT INTO idempotency_keys (scope, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .bind(&idem.scope)
-        .bind(&idem.key)
-        .bind(&idem.request_hash)
-        .bind(serde_json::to_string(&decision).map_err(json_err)?)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-    }
-    tx.commit().await.map_err(db_error)?;
-    Ok(decision)
+    let windows = request.windows.iter().zip(&used).map(|(w, u)| WindowState::new(w, *u)).collect();
+    Ok(UsageDecision { allowed, windows, denied_by, replayed: false })
 }
