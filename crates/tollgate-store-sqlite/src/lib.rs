@@ -6,6 +6,7 @@
 //! run alongside the writer.
 
 mod migrations;
+mod read_cache;
 mod rows;
 mod store;
 mod usage;
@@ -26,6 +27,8 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// Group commit of consumes (see `usage_writer`).
     usage: usage_writer::UsageWriter,
+    /// Accounts and subscriptions the hot path reads (see `read_cache`).
+    cache: std::sync::Arc<read_cache::ReadCache>,
 }
 
 impl SqliteStore {
@@ -60,7 +63,7 @@ impl SqliteStore {
             .await
             .map_err(unavailable)?;
         let usage = usage_writer::UsageWriter::spawn(writer.clone());
-        Ok(Self { writer, reader, usage })
+        Ok(Self { writer, reader, usage, cache: Default::default() })
     }
 
     /// Applies pending migrations; returns the versions applied now.

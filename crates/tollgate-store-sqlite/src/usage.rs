@@ -187,31 +187,50 @@ pub(crate) async fn upsert_external_account(
         .await
         .map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
-    Ok((account(&row)?, inserted))
+    let found = account(&row)?;
+    store.cache.remember_account(&found);
+    Ok((found, inserted))
 }
 
 pub(crate) async fn account_by_id(store: &SqliteStore, id: AccountId) -> Result<Option<Account>, StoreError> {
+    if let Some(account) = store.cache.account(id) {
+        return Ok(Some(account));
+    }
     let row = sqlx::query(concat!("SELECT ", account_columns!(), " FROM accounts WHERE id = ?1"))
         .bind(id.0)
         .fetch_optional(&store.reader)
         .await
         .map_err(db_error)?;
-    row.as_ref().map(account).transpose()
+    let found = row.as_ref().map(account).transpose()?;
+    if let Some(a) = &found {
+        store.cache.remember_account(a);
+    }
+    Ok(found)
 }
 
 pub(crate) async fn account_by_external_id(
     store: &SqliteStore,
     external_id: &str,
 ) -> Result<Option<Account>, StoreError> {
+    if let Some(account) = store.cache.account_by_external_id(external_id) {
+        return Ok(Some(account));
+    }
     let row = sqlx::query(concat!("SELECT ", account_columns!(), " FROM accounts WHERE external_id = ?1"))
         .bind(external_id)
         .fetch_optional(&store.reader)
         .await
         .map_err(db_error)?;
-    row.as_ref().map(account).transpose()
+    let found = row.as_ref().map(account).transpose()?;
+    if let Some(a) = &found {
+        store.cache.remember_account(a);
+    }
+    Ok(found)
 }
 
 pub(crate) async fn subscription(store: &SqliteStore, account: AccountId) -> Result<Option<Subscription>, StoreError> {
+    if let Some(cached) = store.cache.subscription(account) {
+        return Ok(cached);
+    }
     let row = sqlx::query(
         "SELECT plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, updated_at \
          FROM subscriptions WHERE account_id = ?1",
@@ -220,10 +239,13 @@ pub(crate) async fn subscription(store: &SqliteStore, account: AccountId) -> Res
     .fetch_optional(&store.reader)
     .await
     .map_err(db_error)?;
-    let Some(row) = row else { return Ok(None) };
+    let Some(row) = row else {
+        store.cache.fill_subscription(account, None);
+        return Ok(None);
+    };
     let status: String = row.try_get("status").map_err(db_error)?;
     let trial: Option<i64> = row.try_get("trial_ends_at").map_err(db_error)?;
-    Ok(Some(Subscription {
+    let subscription = Subscription {
         account_id: account,
         plan: row.try_get("plan_key").map_err(db_error)?,
         status: SubscriptionStatus::parse(&status).ok_or_else(|| StoreError::Internal(format!("status {status:?}")))?,
@@ -232,7 +254,9 @@ pub(crate) async fn subscription(store: &SqliteStore, account: AccountId) -> Res
         trial_ends_at: trial.map(from_micros).transpose()?,
         cancel_at_period_end: row.try_get("cancel_at_period_end").map_err(db_error)?,
         updated_at: from_micros(row.try_get("updated_at").map_err(db_error)?)?,
-    }))
+    };
+    store.cache.fill_subscription(account, Some(subscription.clone()));
+    Ok(Some(subscription))
 }
 
 pub(crate) async fn put_subscription(
@@ -260,7 +284,9 @@ pub(crate) async fn put_subscription(
     .await
     .map_err(db_error)?;
     insert_audit(&mut tx, &audit).await?;
-    tx.commit().await.map_err(db_error)
+    tx.commit().await.map_err(db_error)?;
+    store.cache.store_subscription(s.account_id, Some(s));
+    Ok(())
 }
 
 pub(crate) async fn create_service_key(
