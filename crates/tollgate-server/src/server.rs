@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::mailer::{Mailer, Transport};
 use crate::rate_limit::Limiter;
 use crate::service_key::KeyCache;
-use crate::state::AppState;
+use crate::state::{AppState, Shared};
 use tollgate_core::metering::quotas::Quotas;
 
 /// The one place the backend is chosen, by the URL scheme.
@@ -93,7 +93,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         }
         None => Limiter::in_memory(),
     };
-    Ok(AppState {
+    Ok(AppState::new(Shared {
         quotas: Quotas::new(store.clone()),
         store,
         identity,
@@ -102,7 +102,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         catalog: SharedCatalog::new(catalog),
         service_keys: Arc::new(KeyCache::default()),
         config: Arc::new(config),
-    })
+    }))
 }
 
 /// A server running in the background.

@@ -13,8 +13,25 @@ use crate::config::Config;
 use crate::rate_limit::Limiter;
 use crate::service_key::KeyCache;
 
+/// Cloned into every request's extractors, so it is one `Arc` (cloning the fields
+/// one by one showed up in profiles).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub store: Arc<dyn Store>,
     pub identity: Identity,
     pub tokens: Arc<AccessTokens>,

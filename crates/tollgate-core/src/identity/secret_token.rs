@@ -44,11 +44,12 @@ pub struct TokenDigest(pub String);
 
 impl TokenDigest {
     pub fn of(secret: &str) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = Sha256::digest(secret.as_bytes());
         let mut hex = String::with_capacity(64);
         for byte in digest.iter() {
-            use std::fmt::Write;
-            let _ = write!(hex, "{byte:02x}");
+            hex.push(HEX[usize::from(byte >> 4)] as char);
+            hex.push(HEX[usize::from(byte & 0xf)] as char);
         }
         Self(hex)
     }
