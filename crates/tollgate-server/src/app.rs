@@ -90,6 +90,9 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(accounts::usage))
         .routes(routes!(usage::check))
         .routes(routes!(usage::consume))
+        .routes(routes!(usage::refund))
+        .routes(routes!(usage::set))
+        .routes(routes!(usage::add))
         .routes(routes!(ratelimit::check));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))

@@ -230,10 +230,16 @@ impl From<tollgate_core::metering::quotas::QuotaError> for ApiError {
         use tollgate_core::metering::quotas::QuotaError as E;
         match e {
             E::UnknownMeter(m) => ApiError::UnknownMeter(m),
-            E::UnsupportedKind(kind) => ApiError::UnsupportedMeter(format!(
-                "{} meters are not consumed through this route yet",
-                serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-            )),
+            E::UnsupportedKind(kind, op) => {
+                let name = |v: serde_json::Result<serde_json::Value>| {
+                    v.ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+                };
+                ApiError::UnsupportedMeter(format!(
+                    "{} meters do not support {} (not yet, for concurrency meters)",
+                    name(serde_json::to_value(kind)),
+                    name(serde_json::to_value(op))
+                ))
+            }
             E::InvalidAmount => ApiError::Validation(vec![tollgate_core::identity::flows::FieldError {
                 field: "amount",
                 code: "must_be_positive",

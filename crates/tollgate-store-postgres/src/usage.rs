@@ -479,7 +479,8 @@ async fn claim_idempotency_key(
 pub(crate) async fn consume_usage(store: &PgStore, request: UsageRequest) -> Result<UsageDecision, StoreError> {
     let keys: Vec<Vec<String>> = request.windows.iter().map(|w| w.count_keys.clone()).collect();
     if request.dry_run {
-        // Reads as things stand, locks nothing, writes nothing.
+        // Reads as things stand, locks nothing, writes nothing. Dry runs are only
+        // ever consumes, so the consume rule is the whole rule here.
         let used = counter_values(store, request.account, &request.meter, &keys).await?;
         let (allowed, denied_by) = metering::decide(&request.windows, &used, request.amount);
         let windows = request.windows.iter().zip(&used).map(|(w, u)| WindowState::new(w, *u)).collect();
@@ -499,22 +500,36 @@ pub(crate) async fn consume_usage(store: &PgStore, request: UsageRequest) -> Res
         .await
         .map_err(db_error)?;
     let used = window_usage(&mut tx, request.account, &request.meter, &keys).await?;
-    let (allowed, denied_by) = metering::decide(&request.windows, &used, request.amount);
-    let after: Vec<i64> = used.iter().map(|u| if allowed { u + request.amount } else { *u }).collect();
-    let windows = request.windows.iter().zip(&after).map(|(w, u)| WindowState::new(w, *u)).collect();
-    let decision = UsageDecision { allowed, windows, denied_by, replayed: false };
+    let applied = metering::apply(request.op, &request.windows, &used, request.amount);
+    let windows = request.windows.iter().zip(&applied.after).map(|(w, u)| WindowState::new(w, *u)).collect();
+    let decision = UsageDecision { allowed: applied.allowed, windows, denied_by: applied.denied_by, replayed: false };
+    let (outcome, event_amount) = applied.event(request.op, request.amount);
 
-    // Each window adds `amount` to its increment row (twice if two windows shared
-    // one, as in SQLite); none when denied.
-    let increments: Vec<&str> =
-        if allowed { request.windows.iter().map(|w| w.increment_key.as_str()).collect() } else { Vec::new() };
+    // Each window adds its delta to its increment row (summed if two windows share
+    // one, as in SQLite); none when denied or zero. Deltas are negative for refunds
+    // and lowered gauges, and a row never goes below zero: a new row starts at
+    // GREATEST(0, delta), an existing one becomes GREATEST(0, used + delta). The
+    // update reads the raw delta from `deltas`, since `excluded` holds the clamped one.
+    let (increments, deltas): (Vec<&str>, Vec<i64>) = request
+        .windows
+        .iter()
+        .zip(&applied.deltas)
+        .filter(|(_, d)| **d != 0)
+        .map(|(w, d)| (w.increment_key.as_str(), *d))
+        .unzip();
+    // Net change of the first window (consumes add, refunds and lowered gauges
+    // subtract) when allowed; one denial otherwise.
+    let (consumed, denied) = if applied.allowed { (applied.deltas.first().copied().unwrap_or(0), 0) } else { (0, 1) };
     // One statement for every write, to hold the lock for as few round trips as
     // possible. An unknown account fails a foreign key: `NotFound`.
     let answered: i64 = sqlx::query_scalar(
-        "WITH counters AS ( \
+        "WITH deltas AS ( \
+           SELECT k, SUM(d)::bigint AS d FROM UNNEST($4::text[], $17::bigint[]) AS u (k, d) GROUP BY k \
+         ), counters AS ( \
            INSERT INTO usage_counters (account_id, meter, window_key, used) \
-           SELECT $1, $2, k, $3 * COUNT(*) FROM UNNEST($4::text[]) AS k GROUP BY k \
-           ON CONFLICT (account_id, meter, window_key) DO UPDATE SET used = usage_counters.used + excluded.used \
+           SELECT $1, $2, k, GREATEST(0, d) FROM deltas \
+           ON CONFLICT (account_id, meter, window_key) DO UPDATE SET used = GREATEST(0, usage_counters.used + \
+             (SELECT deltas.d FROM deltas WHERE deltas.k = excluded.window_key)) \
          ), event AS ( \
            INSERT INTO usage_events (id, account_id, meter, outcome, amount, idempotency_key, endpoint, metadata, ip, created_at) \
            VALUES ($5, $1, $2, $6, $3, $7, $8, $9, $10, $11) \
@@ -529,20 +544,21 @@ pub(crate) async fn consume_usage(store: &PgStore, request: UsageRequest) -> Res
     )
     .bind(request.account.0)
     .bind(&request.meter)
-    .bind(request.amount)
+    .bind(event_amount)
     .bind(increments)
     .bind(UsageEventId::new().0)
-    .bind(if allowed { "consumed" } else { "denied" })
+    .bind(outcome)
     .bind(request.idempotency.as_ref().map(|i| i.key.as_str()))
     .bind(&request.context.endpoint)
     .bind(request.context.metadata.as_ref().map(Json))
     .bind(&request.context.ip)
     .bind(request.now)
     .bind(request.now.to_offset(UtcOffset::UTC).date())
-    .bind(if allowed { request.amount } else { 0 })
-    .bind(i64::from(!allowed))
+    .bind(consumed)
+    .bind(denied)
     .bind(request.idempotency.as_ref().map(|i| i.scope.as_str()))
     .bind(request.idempotency.as_ref().map(|_| Json(&decision)))
+    .bind(deltas)
     .fetch_one(&mut *tx)
     .await
     .map_err(db_error)?;

@@ -195,24 +195,26 @@ async fn decide(
         }
         used.push(sum);
     }
-    let (allowed, denied_by) = metering::decide(&request.windows, &used, request.amount);
-    if allowed {
-        for window in &request.windows {
-            let key = (request.account, request.meter.clone(), window.increment_key.clone());
-            // `counter` above loaded every count key; the increment key is one of them.
-            *cache.counters.entry(key.clone()).or_insert(0) += request.amount;
-            *pending.counters.entry(key).or_insert(0) += request.amount;
-        }
+    let applied = metering::apply(request.op, &request.windows, &used, request.amount);
+    for (window, delta) in request.windows.iter().zip(&applied.deltas).filter(|(_, d)| **d != 0) {
+        let key = (request.account, request.meter.clone(), window.increment_key.clone());
+        // `counter` above loaded every count key; the increment key is one of them.
+        let value = cache.counters.entry(key.clone()).or_insert(0);
+        // A refund on a rolling window takes from the current bucket only, which may
+        // hold less than the window: a row never goes below zero.
+        let delta = (*delta).max(-*value);
+        *value += delta;
+        *pending.counters.entry(key).or_insert(0) += delta;
     }
-    let after: Vec<i64> = used.iter().map(|u| if allowed { u + request.amount } else { *u }).collect();
-    let windows = request.windows.iter().zip(&after).map(|(w, u)| WindowState::new(w, *u)).collect();
-    let decision = UsageDecision { allowed, windows, denied_by, replayed: false };
+    let windows = request.windows.iter().zip(&applied.after).map(|(w, u)| WindowState::new(w, *u)).collect();
+    let decision = UsageDecision { allowed: applied.allowed, windows, denied_by: applied.denied_by, replayed: false };
+    let (outcome, event_amount) = applied.event(request.op, request.amount);
     let at = micros(request.now);
     pending.events.push(Event {
         account: request.account,
         meter: request.meter.clone(),
-        outcome: if allowed { "consumed" } else { "denied" },
-        amount: request.amount,
+        outcome,
+        amount: event_amount,
         idempotency_key: request.idempotency.as_ref().map(|i| i.key.clone()),
         endpoint: request.context.endpoint.clone(),
         metadata: request.context.metadata.as_ref().map(|m| m.to_string()),
@@ -220,8 +222,9 @@ async fn decide(
         at,
     });
     let daily = pending.daily.entry((request.account, request.meter.clone(), day_of(request.now))).or_insert((0, 0));
-    if allowed {
-        daily.0 += request.amount;
+    if applied.allowed {
+        // Net change: consumes add, refunds and lowered gauges subtract.
+        daily.0 += applied.deltas.first().copied().unwrap_or(0);
     } else {
         daily.1 += 1;
     }

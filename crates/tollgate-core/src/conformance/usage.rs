@@ -10,7 +10,7 @@ use crate::accounts::{NewExternalAccount, Scope, ServiceKey, Subscription, Subsc
 use crate::identity::SecretToken;
 use crate::ids::{AccountId, ServiceKeyId};
 use crate::metering::window::Window;
-use crate::metering::{EventContext, Idempotency, UsageRequest, WindowCheck};
+use crate::metering::{EventContext, Idempotency, UsageOp, UsageRequest, WindowCheck};
 use crate::plans::{Allowance, Catalog, Meter, MeterKind, Plan, WindowLimit};
 use crate::store::{Store, StoreError};
 
@@ -57,6 +57,7 @@ fn consume(now: Timestamp, account: AccountId, amount: i64, windows: Vec<WindowC
     UsageRequest {
         account,
         meter: "messages".into(),
+        op: UsageOp::Consume,
         amount,
         windows,
         dry_run: false,
@@ -291,4 +292,38 @@ pub async fn idempotent_consume_replays_and_conflicts(store: Arc<dyn Store>) {
 pub async fn consume_for_an_unknown_account_is_not_found(store: Arc<dyn Store>) {
     let r = store.consume_usage(consume(t0(), AccountId::new(), 1, vec![window(Window::Day, "d:1", Some(10))])).await;
     assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+}
+
+pub async fn refunds_and_gauge_levels(store: Arc<dyn Store>) {
+    let now = t0();
+    let account = external(&store, "cus_1").await;
+    let windows = || vec![window(Window::Day, "d:1", Some(10)), window(Window::Month, "m:1", Some(100))];
+    assert!(store.consume_usage(consume(now, account, 4, windows())).await.unwrap().allowed);
+    // A refund gives back from every window, never below zero.
+    let mut refund = consume(now, account, 6, windows());
+    refund.op = UsageOp::Refund;
+    let d = store.consume_usage(refund).await.unwrap();
+    assert!(d.allowed);
+    assert_eq!((d.windows[0].used, d.windows[1].used), (0, 0));
+    assert_eq!(
+        store.counter_values(account, "messages", &[vec!["d:1".into()], vec!["m:1".into()]]).await.unwrap(),
+        vec![0, 0]
+    );
+    // A gauge: set raises within the maximum, lowers always.
+    let gauge = || vec![window(Window::Lifetime, "g", Some(1000))];
+    let mut set = consume(now, account, 800, gauge());
+    set.op = UsageOp::Set;
+    assert_eq!(store.consume_usage(set.clone()).await.unwrap().windows[0].used, 800);
+    set.amount = 1001;
+    let d = store.consume_usage(set.clone()).await.unwrap();
+    assert_eq!((d.allowed, d.windows[0].used), (false, 800));
+    set.amount = 0;
+    assert_eq!(store.consume_usage(set).await.unwrap().windows[0].used, 0);
+    // Consumes then count from the new level.
+    let d = store.consume_usage(consume(now, account, 1000, gauge())).await.unwrap();
+    assert!(d.allowed);
+    assert!(!store.consume_usage(consume(now, account, 1, gauge())).await.unwrap().allowed);
+    let daily = store.usage_daily(account, None, &day(now), &day(now)).await.unwrap();
+    // Net: +4 -4 +800 -800 +1000, and two denials.
+    assert_eq!((daily[0].consumed, daily[0].denied), (1000, 2));
 }

@@ -65,11 +65,27 @@ pub struct Idempotency {
     pub request_hash: String,
 }
 
+/// What a usage request does to its windows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageOp {
+    /// Adds `amount` to every window, all or nothing, within the limits.
+    #[default]
+    Consume,
+    /// Takes `amount` back from every window's current instance, never below zero;
+    /// always allowed (work that failed, a refund).
+    Refund,
+    /// Sets a gauge's level (its one window) to `amount`: raising it must fit the
+    /// limit, lowering it is always allowed.
+    Set,
+}
+
 /// A consume (or a dry-run check) of a counter meter.
 #[derive(Clone, Debug)]
 pub struct UsageRequest {
     pub account: AccountId,
     pub meter: String,
+    pub op: UsageOp,
     pub amount: i64,
     pub windows: Vec<WindowCheck>,
     /// Check only: count nothing, record nothing.
@@ -127,6 +143,75 @@ pub fn decide(checks: &[WindowCheck], used: &[i64], amount: i64) -> (bool, Optio
     (true, None)
 }
 
+/// The outcome of a usage operation on current usage, before anything is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub allowed: bool,
+    pub denied_by: Option<Window>,
+    /// Usage of each window afterwards (unchanged when denied).
+    pub after: Vec<i64>,
+    /// What to add to each window's increment row (0 when denied).
+    pub deltas: Vec<i64>,
+}
+
+impl Applied {
+    /// The event to record: `consumed`, `denied`, `released` or `refunded`, and its
+    /// (positive) amount.
+    pub fn event(&self, op: UsageOp, amount: i64) -> (&'static str, i64) {
+        let moved = self.deltas.first().copied().unwrap_or(0);
+        match (self.allowed, op) {
+            (false, _) => ("denied", amount),
+            (true, UsageOp::Consume) => ("consumed", amount),
+            (true, UsageOp::Refund) => ("refunded", -moved),
+            (true, UsageOp::Set) if moved >= 0 => ("consumed", moved),
+            (true, UsageOp::Set) => ("released", -moved),
+        }
+    }
+}
+
+/// Applies `op` with `amount` to windows whose usage is `used`: the one rule both
+/// stores follow for every kind of change.
+pub fn apply(op: UsageOp, checks: &[WindowCheck], used: &[i64], amount: i64) -> Applied {
+    match op {
+        UsageOp::Consume => {
+            let (allowed, denied_by) = decide(checks, used, amount);
+            let delta = if allowed { amount } else { 0 };
+            Applied {
+                allowed,
+                denied_by,
+                after: used.iter().map(|u| u + delta).collect(),
+                deltas: vec![delta; used.len()],
+            }
+        }
+        UsageOp::Refund => {
+            let deltas: Vec<i64> = used.iter().map(|u| -amount.min((*u).max(0))).collect();
+            Applied {
+                allowed: true,
+                denied_by: None,
+                after: used.iter().zip(&deltas).map(|(u, d)| u + d).collect(),
+                deltas,
+            }
+        }
+        UsageOp::Set => {
+            let over = checks.iter().zip(used).find(|(c, u)| amount > **u && c.limit.is_some_and(|l| amount > l));
+            match over {
+                Some((check, _)) => Applied {
+                    allowed: false,
+                    denied_by: Some(check.window),
+                    after: used.to_vec(),
+                    deltas: vec![0; used.len()],
+                },
+                None => Applied {
+                    allowed: true,
+                    denied_by: None,
+                    after: vec![amount; used.len()],
+                    deltas: used.iter().map(|u| amount - u).collect(),
+                },
+            }
+        }
+    }
+}
+
 /// The counter windows of `meter` under `allowance`, or `None` when the plan does not
 /// allow the meter at all (treated as a limit of zero by the caller).
 pub fn counter_checks(
@@ -177,6 +262,22 @@ mod tests {
         assert_eq!(decide(&checks, &[5, 100], 1), (false, Some(Window::Day)));
         assert_eq!(decide(&checks, &[0, 150], 1), (false, Some(Window::Month)));
         assert_eq!(decide(&[check(None, Window::Day)], &[i64::MAX], 1), (true, None));
+    }
+
+    #[test]
+    fn refunds_never_go_below_zero_and_sets_fit_the_limit() {
+        let checks = [check(Some(10), Window::Lifetime)];
+        let refund = apply(UsageOp::Refund, &checks, &[3], 5);
+        assert_eq!((refund.allowed, refund.after.clone(), refund.deltas.clone()), (true, vec![0], vec![-3]));
+        assert_eq!(refund.event(UsageOp::Refund, 5), ("refunded", 3));
+        let raise = apply(UsageOp::Set, &checks, &[3], 10);
+        assert_eq!((raise.allowed, raise.deltas.clone()), (true, vec![7]));
+        let over = apply(UsageOp::Set, &checks, &[3], 11);
+        assert_eq!((over.allowed, over.denied_by), (false, Some(Window::Lifetime)));
+        // Lowering is allowed even above a limit that shrank (a downgrade).
+        let lower = apply(UsageOp::Set, &checks, &[15], 12);
+        assert_eq!((lower.allowed, lower.deltas.clone()), (true, vec![-3]));
+        assert_eq!(lower.event(UsageOp::Set, 12), ("released", 3));
     }
 
     #[test]

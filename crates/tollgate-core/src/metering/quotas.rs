@@ -5,7 +5,11 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{EventContext, Idempotency, UsageDecision, UsageRequest, WindowState, counter_checks, plans_that_allow};
+use super::window::Window;
+use super::{
+    EventContext, Idempotency, UsageDecision, UsageOp, UsageRequest, WindowCheck, WindowState, counter_checks,
+    plans_that_allow,
+};
 use crate::accounts::Account;
 use crate::entitlements::{billing_anchor, effective_plan};
 use crate::ids::AccountId;
@@ -16,8 +20,8 @@ use crate::store::{Store, StoreError};
 pub enum QuotaError {
     #[error("no meter named {0:?}")]
     UnknownMeter(String),
-    #[error("{0:?} meters are not consumed this way")]
-    UnsupportedKind(MeterKind),
+    #[error("{0:?} meters do not support {1:?}")]
+    UnsupportedKind(MeterKind, UsageOp),
     #[error("amount must be a positive integer")]
     InvalidAmount,
     #[error("account not found")]
@@ -43,6 +47,7 @@ impl From<StoreError> for QuotaError {
 pub struct ConsumeInput {
     pub account: AccountId,
     pub meter: String,
+    pub op: super::UsageOp,
     pub amount: i64,
     pub dry_run: bool,
     pub idempotency: Option<Idempotency>,
@@ -88,6 +93,27 @@ pub struct Entitlements {
     pub needs_upgrade: bool,
 }
 
+/// The single window of a gauge (its level), or of a counter the plan omits.
+fn gauge_window(limit: Option<i64>) -> WindowCheck {
+    WindowCheck {
+        window: Window::Lifetime,
+        limit,
+        count_keys: vec!["g".into()],
+        increment_key: "g".into(),
+        resets_at: None,
+    }
+}
+
+/// Public plans whose allowance for `meter` satisfies `test`, in display order.
+fn allowing(catalog: &Catalog, meter: &str, test: impl Fn(&Allowance) -> bool) -> Vec<String> {
+    catalog
+        .public_plans()
+        .into_iter()
+        .filter(|p| p.allowances.get(meter).is_some_and(&test))
+        .map(|p| p.key.clone())
+        .collect()
+}
+
 #[derive(Clone)]
 pub struct Quotas {
     store: Arc<dyn Store>,
@@ -101,7 +127,8 @@ impl Quotas {
     /// Checks (dry run) or consumes `amount` of a meter, atomically across all its
     /// windows. Counters count; caps and flags only decide.
     pub async fn consume(&self, catalog: &Catalog, input: ConsumeInput) -> Result<ConsumeOutcome, QuotaError> {
-        if input.amount <= 0 {
+        // A gauge may be set to zero; everything else moves by a positive amount.
+        if input.amount < 0 || (input.amount == 0 && input.op != UsageOp::Set) {
             return Err(QuotaError::InvalidAmount);
         }
         let meter = catalog.meters.get(&input.meter).ok_or_else(|| QuotaError::UnknownMeter(input.meter.clone()))?;
@@ -113,61 +140,68 @@ impl Quotas {
         let now = time::OffsetDateTime::now_utc();
         let plan = effective_plan(catalog, subscription.as_ref(), now);
         let allowance = plan.allowances.get(&input.meter);
-        let decision = match meter.kind {
-            MeterKind::Counter => {
-                // A plan that does not list a counter allows none of it.
-                let windows =
-                    counter_checks(allowance, now, billing_anchor(subscription.as_ref())).unwrap_or_else(|| {
-                        vec![super::WindowCheck {
-                            window: super::window::Window::Lifetime,
-                            limit: Some(0),
-                            count_keys: vec!["l".into()],
-                            increment_key: "l".into(),
-                            resets_at: None,
-                        }]
-                    });
-                let request = UsageRequest {
-                    account: input.account,
-                    meter: input.meter.clone(),
-                    amount: input.amount,
-                    windows,
-                    dry_run: input.dry_run,
-                    idempotency: input.idempotency,
-                    context: input.context,
-                    now,
-                };
-                self.store.consume_usage(request).await?
+        let windows = match (meter.kind, input.op) {
+            // A plan that does not list a counter allows none of it.
+            (MeterKind::Counter, UsageOp::Consume | UsageOp::Refund) => {
+                counter_checks(allowance, now, billing_anchor(subscription.as_ref()))
+                    .unwrap_or_else(|| vec![gauge_window(Some(0))])
             }
-            MeterKind::Cap | MeterKind::Flag => {
-                if self.store.account_by_id(input.account).await?.is_none() {
-                    return Err(QuotaError::AccountNotFound);
-                }
-                let allowed = match allowance {
-                    Some(Allowance::Cap { max }) => max.is_none_or(|m| input.amount <= m),
-                    Some(Allowance::Flag { enabled }) => *enabled,
-                    _ => false,
-                };
-                UsageDecision { allowed, windows: vec![], denied_by: None, replayed: false }
+            // A gauge is one level with the plan's maximum.
+            (MeterKind::Gauge, _) => vec![gauge_window(match allowance {
+                Some(Allowance::Gauge { max }) => *max,
+                _ => Some(0),
+            })],
+            (MeterKind::Cap | MeterKind::Flag, UsageOp::Consume) => {
+                return self.check_entitlement(catalog, meter, plan, allowance, &input).await;
             }
-            kind @ (MeterKind::Gauge | MeterKind::Concurrency) => return Err(QuotaError::UnsupportedKind(kind)),
+            (kind, op) => return Err(QuotaError::UnsupportedKind(kind, op)),
         };
+        let amount = input.amount;
+        let request = UsageRequest {
+            account: input.account,
+            meter: input.meter.clone(),
+            op: input.op,
+            amount,
+            windows,
+            dry_run: input.dry_run,
+            idempotency: input.idempotency,
+            context: input.context,
+            now,
+        };
+        let decision = self.store.consume_usage(request).await?;
         let upgrade_plans = if decision.allowed {
             vec![]
+        } else if meter.kind == MeterKind::Counter {
+            plans_that_allow(catalog, &input.meter, &decision.windows, amount)
         } else {
-            match meter.kind {
-                MeterKind::Counter => plans_that_allow(catalog, &input.meter, &decision.windows, input.amount),
-                _ => catalog
-                    .public_plans()
-                    .into_iter()
-                    .filter(|p| match p.allowances.get(&input.meter) {
-                        Some(Allowance::Cap { max }) => max.is_none_or(|m| input.amount <= m),
-                        Some(Allowance::Flag { enabled }) => *enabled,
-                        _ => false,
-                    })
-                    .map(|p| p.key.clone())
-                    .collect(),
-            }
+            // A gauge: the level it would reach.
+            let level = if input.op == UsageOp::Set { amount } else { decision.windows[0].used + amount };
+            allowing(catalog, &input.meter, |a| matches!(a, Allowance::Gauge { max } if max.is_none_or(|m| level <= m)))
         };
+        Ok(ConsumeOutcome { decision, plan: plan.key.clone(), meter: meter.clone(), upgrade_plans })
+    }
+
+    /// Caps and flags decide without counting.
+    async fn check_entitlement(
+        &self,
+        catalog: &Catalog,
+        meter: &Meter,
+        plan: &crate::plans::Plan,
+        allowance: Option<&Allowance>,
+        input: &ConsumeInput,
+    ) -> Result<ConsumeOutcome, QuotaError> {
+        if self.store.account_by_id(input.account).await?.is_none() {
+            return Err(QuotaError::AccountNotFound);
+        }
+        let amount = input.amount;
+        let fits = |a: &Allowance| match a {
+            Allowance::Cap { max } => max.is_none_or(|m| amount <= m),
+            Allowance::Flag { enabled } => *enabled,
+            _ => false,
+        };
+        let allowed = allowance.is_some_and(fits);
+        let upgrade_plans = if allowed { vec![] } else { allowing(catalog, &input.meter, fits) };
+        let decision = UsageDecision { allowed, windows: vec![], denied_by: None, replayed: false };
         Ok(ConsumeOutcome { decision, plan: plan.key.clone(), meter: meter.clone(), upgrade_plans })
     }
 
@@ -195,6 +229,17 @@ impl Quotas {
                         needs_upgrade = true;
                     }
                     entry.windows = Some(windows);
+                }
+                (MeterKind::Gauge, allowance) => {
+                    let max = match allowance {
+                        Some(Allowance::Gauge { max }) => *max,
+                        _ => Some(0),
+                    };
+                    let window = gauge_window(max);
+                    let level =
+                        self.store.counter_values(account.id, key, std::slice::from_ref(&window.count_keys)).await?;
+                    entry.max = Some(max);
+                    entry.windows = Some(vec![WindowState::new(&window, level[0])]);
                 }
                 (MeterKind::Flag, allowance) => {
                     entry.enabled = Some(matches!(allowance, Some(Allowance::Flag { enabled: true })));

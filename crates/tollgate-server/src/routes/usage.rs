@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tollgate_core::accounts::Scope;
 use tollgate_core::metering::quotas::{ConsumeInput, ConsumeOutcome};
-use tollgate_core::metering::{EventContext, Idempotency, WindowState};
+use tollgate_core::metering::{EventContext, Idempotency, UsageOp, WindowState};
 use utoipa::ToSchema;
 
 use super::accounts::resolve_account;
@@ -62,9 +62,9 @@ pub struct UsageAnswer {
     pub replayed: bool,
 }
 
-fn validate(body: &UsageBody) -> Result<(), ApiError> {
+fn validate(body: &UsageBody, zero_ok: bool) -> Result<(), ApiError> {
     let mut errors = Vec::new();
-    if body.amount <= 0 {
+    if body.amount < 0 || (body.amount == 0 && !zero_ok) {
         errors.push(field("amount", "must_be_positive", "amount must be a positive integer"));
     }
     if body.meter.is_empty() || body.meter.len() > 64 {
@@ -158,22 +158,51 @@ fn answer(outcome: ConsumeOutcome, account_id: uuid::Uuid, meter: String, amount
     response
 }
 
+/// Which route a usage call came through.
+#[derive(Clone, Copy)]
+enum Route {
+    Check,
+    Consume,
+    Refund,
+    Set,
+    Add,
+}
+
 async fn run(
     state: AppState,
     service: Service,
     origin: tollgate_core::audit::RequestOrigin,
     headers: HeaderMap,
-    body: UsageBody,
-    dry_run: bool,
+    mut body: UsageBody,
+    route: Route,
 ) -> ApiResult<Response> {
     service.require(Scope::UsageWrite)?;
-    validate(&body)?;
-    let route = if dry_run { "check" } else { "consume" };
-    let idempotency = if dry_run { None } else { idempotency(&headers, &service, route, &body)? };
+    // `add` takes a signed amount: a negative one gives back like a refund.
+    let op = match route {
+        Route::Check | Route::Consume => UsageOp::Consume,
+        Route::Refund => UsageOp::Refund,
+        Route::Set => UsageOp::Set,
+        Route::Add if body.amount < 0 => UsageOp::Refund,
+        Route::Add => UsageOp::Consume,
+    };
+    if matches!(route, Route::Add) {
+        body.amount = body.amount.checked_abs().unwrap_or(0);
+    }
+    validate(&body, op == UsageOp::Set)?;
+    let dry_run = matches!(route, Route::Check);
+    let route_name = match route {
+        Route::Check => "check",
+        Route::Consume => "consume",
+        Route::Refund => "refund",
+        Route::Set => "set",
+        Route::Add => "add",
+    };
+    let idempotency = if dry_run { None } else { idempotency(&headers, &service, route_name, &body)? };
     let account = resolve_account(&state, &body.account).await?;
     let input = ConsumeInput {
         account: account.id,
         meter: body.meter.clone(),
+        op,
         amount: body.amount,
         dry_run,
         idempotency,
@@ -199,7 +228,7 @@ pub async fn check(
     headers: HeaderMap,
     ApiJson(body): ApiJson<UsageBody>,
 ) -> ApiResult<Response> {
-    run(state, service, origin, headers, body, true).await
+    run(state, service, origin, headers, body, Route::Check).await
 }
 
 /// Consumes `amount` in every window of the meter, all or nothing. With an
@@ -220,5 +249,60 @@ pub async fn consume(
     headers: HeaderMap,
     ApiJson(body): ApiJson<UsageBody>,
 ) -> ApiResult<Response> {
-    run(state, service, origin, headers, body, false).await
+    run(state, service, origin, headers, body, Route::Consume).await
+}
+
+/// Gives back `amount` from every window's current instance (work that failed);
+/// never below zero.
+#[utoipa::path(post, path = "/v1/usage/refund", tag = "usage", security(("bearer" = [])), request_body = UsageBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body count once")),
+    responses(
+        (status = 200, description = "Refunded; the windows after", body = UsageAnswer),
+        (status = 404, description = "No such account", body = ErrorResponse),
+        (status = 422, description = "Invalid body or unknown meter", body = ErrorResponse),
+    ))]
+pub async fn refund(
+    State(state): State<AppState>,
+    service: Service,
+    Origin(origin): Origin,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<UsageBody>,
+) -> ApiResult<Response> {
+    run(state, service, origin, headers, body, Route::Refund).await
+}
+
+/// Sets a gauge's level (e.g. storage used) to `amount`: raising it must fit the
+/// plan's maximum, lowering it always works.
+#[utoipa::path(post, path = "/v1/usage/set", tag = "usage", security(("bearer" = [])), request_body = UsageBody,
+    responses(
+        (status = 200, description = "Set; the level", body = UsageAnswer),
+        (status = 402, description = "`quota_exceeded`: above the plan's maximum", body = ErrorResponse),
+        (status = 422, description = "Invalid body, unknown meter or not a gauge", body = ErrorResponse),
+    ))]
+pub async fn set(
+    State(state): State<AppState>,
+    service: Service,
+    Origin(origin): Origin,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<UsageBody>,
+) -> ApiResult<Response> {
+    run(state, service, origin, headers, body, Route::Set).await
+}
+
+/// Moves a gauge's level by `amount` (negative lowers it, never below zero); raising
+/// it must fit the plan's maximum.
+#[utoipa::path(post, path = "/v1/usage/add", tag = "usage", security(("bearer" = [])), request_body = UsageBody,
+    responses(
+        (status = 200, description = "Moved; the level", body = UsageAnswer),
+        (status = 402, description = "`quota_exceeded`: above the plan's maximum", body = ErrorResponse),
+        (status = 422, description = "Invalid body or unknown meter", body = ErrorResponse),
+    ))]
+pub async fn add(
+    State(state): State<AppState>,
+    service: Service,
+    Origin(origin): Origin,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<UsageBody>,
+) -> ApiResult<Response> {
+    run(state, service, origin, headers, body, Route::Add).await
 }

@@ -66,6 +66,9 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/v1/accounts/{id}/usage", "get"),
         ("/v1/usage/check", "post"),
         ("/v1/usage/consume", "post"),
+        ("/v1/usage/refund", "post"),
+        ("/v1/usage/set", "post"),
+        ("/v1/usage/add", "post"),
         ("/v1/ratelimit/check", "post"),
     ];
     let mut documented = 0;

@@ -210,3 +210,69 @@ async fn bad_usage_requests_are_clear_4xx() {
     assert_eq!(r.body["windows"][0]["used"], 1, "nothing was half-written");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn medical_imaging_storage_is_a_gauge() {
+    let (app, key) = app_with("medical-imaging.toml").await;
+    customer(&app, &key, "clinic", None).await;
+    let gib = 1024_i64 * 1024 * 1024;
+    let set = |amount: i64| {
+        app.post_auth(
+            "/v1/usage/set",
+            &key,
+            json!({ "account": "ext:clinic", "meter": "storage_dicom", "amount": amount }),
+        )
+    };
+    let add = |amount: i64| {
+        app.post_auth(
+            "/v1/usage/add",
+            &key,
+            json!({ "account": "ext:clinic", "meter": "storage_dicom", "amount": amount }),
+        )
+    };
+    let r = set(9 * gib).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["windows"][0]["used"], 9 * gib);
+    assert_eq!(r.body["windows"][0]["warning"], true, "90% of 10 GiB");
+    let r = add(2 * gib).await;
+    assert_eq!((r.status, r.code()), (StatusCode::PAYMENT_REQUIRED, "quota_exceeded"));
+    assert_eq!(r.body["error"]["details"]["upgrade_plans"], json!(["research"]));
+    let r = add(-4 * gib).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["windows"][0]["used"], 5 * gib);
+    let r = add(5 * gib).await;
+    assert_eq!(r.body["windows"][0]["used"], 10 * gib, "up to the maximum exactly");
+    assert_eq!(set(0).await.body["windows"][0]["used"], 0);
+    assert_eq!(add(-1).await.body["windows"][0]["used"], 0, "never below zero");
+    assert_eq!(add(0).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let r = app.get_auth("/v1/accounts/ext:clinic/entitlements", &key).await;
+    let meter = r.body["meters"].as_array().unwrap().iter().find(|m| m["meter"] == "storage_dicom").unwrap().clone();
+    assert_eq!(meter["max"], 10 * gib);
+    assert_eq!(meter["windows"][0]["used"], 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_refund_gives_quota_back() {
+    let (app, key) = app_with("chatbot.toml").await;
+    customer(&app, &key, "awa", None).await;
+    for _ in 0..5 {
+        consume(&app, &key, "ext:awa", "messages", 1).await;
+    }
+    assert_eq!(consume(&app, &key, "ext:awa", "messages", 1).await.status, StatusCode::PAYMENT_REQUIRED);
+    let r = app
+        .post_auth("/v1/usage/refund", &key, json!({ "account": "ext:awa", "meter": "messages", "amount": 2 }))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["windows"][0]["used"], 3);
+    assert_eq!(r.body["windows"][1]["used"], 3);
+    assert_eq!(consume(&app, &key, "ext:awa", "messages", 2).await.status, StatusCode::OK);
+    let r =
+        app.post_auth("/v1/usage/set", &key, json!({ "account": "ext:awa", "meter": "messages", "amount": 1 })).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_meter_kind"),
+        "a counter has no level to set"
+    );
+    app.stop().await;
+}
