@@ -71,3 +71,7 @@ typed_id!(
     /// A usage event.
     UsageEventId
 );
+typed_id!(
+    /// A lease on a concurrency meter (a slot held until released or expired).
+    LeaseId
+);

@@ -13,8 +13,8 @@ use crate::identity::{
     EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
     TokenDigest, TokenEffect, TokenPurpose, User,
 };
-use crate::ids::{AccountId, EmailId, SessionId, UserId};
-use crate::metering::{UsageDecision, UsageRequest};
+use crate::ids::{AccountId, EmailId, LeaseId, SessionId, UserId};
+use crate::metering::{LeaseDecision, LeaseRequest, UsageDecision, UsageRequest};
 use crate::plans::Catalog;
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +245,15 @@ pub trait Store: Send + Sync + 'static {
     /// A known idempotency key with the same request replays the stored decision;
     /// with another request it is `Conflict("idempotency_key")`.
     async fn consume_usage(&self, request: UsageRequest) -> Result<UsageDecision, StoreError>;
+
+    /// Takes a slot of a concurrency meter when fewer than `max` live (unreleased,
+    /// unexpired) leases exist, atomically; records a `consumed` or `denied` event.
+    /// `NotFound` for an unknown account.
+    async fn acquire_lease(&self, request: LeaseRequest) -> Result<LeaseDecision, StoreError>;
+
+    /// Releases a live lease of `account`; records a `released` event. `NotFound`
+    /// when there is no such live lease of that account.
+    async fn release_lease(&self, account: AccountId, lease: LeaseId, now: Timestamp) -> Result<(), StoreError>;
 
     /// Daily totals of an account, optionally for one meter, for days in `[from, to]`
     /// (`YYYY-MM-DD`), ordered by day then meter.

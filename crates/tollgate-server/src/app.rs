@@ -93,6 +93,8 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(usage::refund))
         .routes(routes!(usage::set))
         .routes(routes!(usage::add))
+        .routes(routes!(usage::acquire))
+        .routes(routes!(usage::release))
         .routes(routes!(ratelimit::check));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))

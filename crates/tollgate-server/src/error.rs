@@ -245,7 +245,7 @@ impl From<tollgate_core::metering::quotas::QuotaError> for ApiError {
                 code: "must_be_positive",
                 message: "amount must be a positive integer".into(),
             }]),
-            E::AccountNotFound => ApiError::NotFound,
+            E::AccountNotFound | E::LeaseNotFound => ApiError::NotFound,
             E::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
             E::Store(s) => s.into(),
         }

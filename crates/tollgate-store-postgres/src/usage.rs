@@ -5,6 +5,7 @@
 //! each rule that SQLite gets from its single writer is made explicit:
 //! - `consume_usage` serialises the consumes of one (account, meter) on a
 //!   transaction-level advisory lock and reads the counters only once it holds it;
+//!   `acquire_lease` takes the same lock before counting the live leases;
 //! - an idempotency key is claimed first, so a concurrent duplicate waits on the
 //!   primary key and replays the committed answer;
 //! - `upsert_external_account` relies on `ON CONFLICT DO NOTHING`, which waits for a
@@ -20,8 +21,10 @@ use tollgate_core::accounts::{
 };
 use tollgate_core::audit::AuditEvent;
 use tollgate_core::identity::TokenDigest;
-use tollgate_core::ids::{AccountId, ServiceKeyId, UsageEventId};
-use tollgate_core::metering::{self, Idempotency, UsageDecision, UsageRequest, WindowState};
+use tollgate_core::ids::{AccountId, LeaseId, ServiceKeyId, UsageEventId};
+use tollgate_core::metering::{
+    self, EventContext, Idempotency, LeaseDecision, LeaseRequest, UsageDecision, UsageRequest, WindowState,
+};
 use tollgate_core::plans::{Catalog, Meter, Plan};
 use tollgate_core::store::{CatalogChanges, DailyUsage};
 use tollgate_core::{StoreError, Timestamp};
@@ -405,8 +408,9 @@ fn day_string(d: time::Date) -> String {
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
-/// The advisory lock key of one (account, meter)'s counters: FNV-1a, stable across
-/// Rust versions and instances. A collision only makes two meters take turns.
+/// The advisory lock key of one (account, meter)'s counters (and leases): FNV-1a,
+/// stable across Rust versions and instances. A collision only makes two meters take
+/// turns.
 fn counters_lock_key(account: AccountId, meter: &str) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in b"usage_counters\0".iter().chain(account.0.as_bytes()).chain(meter.as_bytes()) {
@@ -567,6 +571,121 @@ pub(crate) async fn consume_usage(store: &PgStore, request: UsageRequest) -> Res
     }
     tx.commit().await.map_err(db_error)?;
     Ok(decision)
+}
+
+/// Records a lease decision (`consumed`, `denied` or `released`, amount 1) in
+/// `usage_events`, as the SQLite store does.
+async fn lease_event(
+    conn: &mut PgConnection,
+    account: AccountId,
+    meter: &str,
+    outcome: &str,
+    context: Option<&EventContext>,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO usage_events (id, account_id, meter, outcome, amount, endpoint, metadata, ip, created_at) \
+         VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8)",
+    )
+    .bind(UsageEventId::new().0)
+    .bind(account.0)
+    .bind(meter)
+    .bind(outcome)
+    .bind(context.and_then(|c| c.endpoint.as_deref()))
+    .bind(context.and_then(|c| c.metadata.as_ref().map(Json)))
+    .bind(context.and_then(|c| c.ip.as_deref()))
+    .bind(now)
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Takes a slot when fewer than `max` live leases exist, and records the event, in one
+/// transaction.
+///
+/// Exactness: as in `consume_usage`, every acquire of one (account, meter) takes the
+/// same transaction-level advisory lock before counting the live leases and keeps it
+/// until it commits; under READ COMMITTED the count, read after the lock, includes
+/// every lease committed by earlier acquires. Releases and expiries only ever free
+/// slots, so they need not take the lock: an acquire that misses one merely denies
+/// where a moment later it would have granted.
+pub(crate) async fn acquire_lease(store: &PgStore, request: LeaseRequest) -> Result<LeaseDecision, StoreError> {
+    let mut tx = store.pool.begin().await.map_err(db_error)?;
+    // Accounts are never deleted, so the check holds until commit. (The foreign keys
+    // would give `NotFound` too, but only after taking the lock.)
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = $1)")
+        .bind(request.account.0)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    if !exists {
+        return Err(StoreError::NotFound);
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(counters_lock_key(request.account, &request.meter))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let (held, next_expiry): (i64, Option<Timestamp>) = sqlx::query_as(
+        "SELECT COUNT(*), MIN(expires_at) FROM usage_leases \
+         WHERE account_id = $1 AND meter = $2 AND released_at IS NULL AND expires_at > $3",
+    )
+    .bind(request.account.0)
+    .bind(&request.meter)
+    .bind(request.now)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let allowed = request.max.is_none_or(|max| held < max);
+    if allowed {
+        sqlx::query(
+            "INSERT INTO usage_leases (id, account_id, meter, expires_at, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(request.id.0)
+        .bind(request.account.0)
+        .bind(&request.meter)
+        .bind(request.expires_at)
+        .bind(request.now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    }
+    let outcome = if allowed { "consumed" } else { "denied" };
+    lease_event(&mut tx, request.account, &request.meter, outcome, Some(&request.context), request.now).await?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(LeaseDecision {
+        allowed,
+        held: held + i64::from(allowed),
+        max: request.max,
+        lease_id: allowed.then_some(request.id),
+        expires_at: allowed.then_some(request.expires_at),
+        next_expiry: if allowed { None } else { next_expiry },
+    })
+}
+
+/// Releases a live lease of `account`: one conditional UPDATE, so of two concurrent
+/// releases the second re-checks the row as the first committed it and finds nothing.
+pub(crate) async fn release_lease(
+    store: &PgStore,
+    account: AccountId,
+    lease: LeaseId,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let mut tx = store.pool.begin().await.map_err(db_error)?;
+    let meter: Option<String> = sqlx::query_scalar(
+        "UPDATE usage_leases SET released_at = $3 \
+         WHERE id = $1 AND account_id = $2 AND released_at IS NULL AND expires_at > $3 RETURNING meter",
+    )
+    .bind(lease.0)
+    .bind(account.0)
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let meter = meter.ok_or(StoreError::NotFound)?;
+    lease_event(&mut tx, account, &meter, "released", None, now).await?;
+    tx.commit().await.map_err(db_error)
 }
 
 #[cfg(test)]

@@ -8,8 +8,10 @@ use tollgate_core::accounts::{
 };
 use tollgate_core::audit::AuditEvent;
 use tollgate_core::identity::TokenDigest;
-use tollgate_core::ids::{AccountId, ServiceKeyId};
-use tollgate_core::metering::{self, UsageDecision, UsageRequest, WindowState};
+use tollgate_core::ids::{AccountId, LeaseId, ServiceKeyId, UsageEventId};
+use tollgate_core::metering::{
+    self, EventContext, LeaseDecision, LeaseRequest, UsageDecision, UsageRequest, WindowState,
+};
 use tollgate_core::plans::{Catalog, Meter, Plan};
 use tollgate_core::store::{CatalogChanges, DailyUsage};
 use tollgate_core::{StoreError, Timestamp};
@@ -410,4 +412,100 @@ pub(crate) async fn consume_usage(store: &SqliteStore, request: UsageRequest) ->
     let (allowed, denied_by) = metering::decide(&request.windows, &used, request.amount);
     let windows = request.windows.iter().zip(&used).map(|(w, u)| WindowState::new(w, *u)).collect();
     Ok(UsageDecision { allowed, windows, denied_by, replayed: false })
+}
+
+async fn lease_event(
+    conn: &mut SqliteConnection,
+    account: AccountId,
+    meter: &str,
+    outcome: &str,
+    context: Option<&EventContext>,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO usage_events (id, account_id, meter, outcome, amount, endpoint, metadata, ip, created_at) \
+         VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8)",
+    )
+    .bind(UsageEventId::new().0)
+    .bind(account.0)
+    .bind(meter)
+    .bind(outcome)
+    .bind(context.and_then(|c| c.endpoint.clone()))
+    .bind(context.and_then(|c| c.metadata.as_ref().map(|m| m.to_string())))
+    .bind(context.and_then(|c| c.ip.clone()))
+    .bind(micros(now))
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+pub(crate) async fn acquire_lease(store: &SqliteStore, request: LeaseRequest) -> Result<LeaseDecision, StoreError> {
+    let now = micros(request.now);
+    let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = ?1)")
+        .bind(request.account.0)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    if !exists {
+        return Err(StoreError::NotFound);
+    }
+    let (held, next_expiry): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT COUNT(*), MIN(expires_at) FROM usage_leases \
+         WHERE account_id = ?1 AND meter = ?2 AND released_at IS NULL AND expires_at > ?3",
+    )
+    .bind(request.account.0)
+    .bind(&request.meter)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let allowed = request.max.is_none_or(|max| held < max);
+    if allowed {
+        sqlx::query(
+            "INSERT INTO usage_leases (id, account_id, meter, expires_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(request.id.0)
+        .bind(request.account.0)
+        .bind(&request.meter)
+        .bind(micros(request.expires_at))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    }
+    let outcome = if allowed { "consumed" } else { "denied" };
+    lease_event(&mut tx, request.account, &request.meter, outcome, Some(&request.context), request.now).await?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(LeaseDecision {
+        allowed,
+        held: held + i64::from(allowed),
+        max: request.max,
+        lease_id: allowed.then_some(request.id),
+        expires_at: allowed.then_some(request.expires_at),
+        next_expiry: if allowed { None } else { next_expiry.map(from_micros).transpose()? },
+    })
+}
+
+pub(crate) async fn release_lease(
+    store: &SqliteStore,
+    account: AccountId,
+    lease: LeaseId,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    let meter: Option<String> = sqlx::query_scalar(
+        "UPDATE usage_leases SET released_at = ?3 \
+         WHERE id = ?1 AND account_id = ?2 AND released_at IS NULL AND expires_at > ?3 RETURNING meter",
+    )
+    .bind(lease.0)
+    .bind(account.0)
+    .bind(micros(now))
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let meter = meter.ok_or(StoreError::NotFound)?;
+    lease_event(&mut tx, account, &meter, "released", None, now).await?;
+    tx.commit().await.map_err(db_error)
 }

@@ -8,9 +8,9 @@ use super::{audit, new_user, t0};
 use crate::Timestamp;
 use crate::accounts::{NewExternalAccount, Scope, ServiceKey, Subscription, SubscriptionStatus};
 use crate::identity::SecretToken;
-use crate::ids::{AccountId, ServiceKeyId};
+use crate::ids::{AccountId, LeaseId, ServiceKeyId};
 use crate::metering::window::Window;
-use crate::metering::{EventContext, Idempotency, UsageOp, UsageRequest, WindowCheck};
+use crate::metering::{EventContext, Idempotency, LeaseRequest, UsageOp, UsageRequest, WindowCheck};
 use crate::plans::{Allowance, Catalog, Meter, MeterKind, Plan, WindowLimit};
 use crate::store::{Store, StoreError};
 
@@ -326,4 +326,59 @@ pub async fn refunds_and_gauge_levels(store: Arc<dyn Store>) {
     let daily = store.usage_daily(account, None, &day(now), &day(now)).await.unwrap();
     // Net: +4 -4 +800 -800 +1000, and two denials.
     assert_eq!((daily[0].consumed, daily[0].denied), (1000, 2));
+}
+
+fn lease(account: AccountId, max: Option<i64>, now: Timestamp, ttl: Duration) -> LeaseRequest {
+    LeaseRequest {
+        id: LeaseId::new(),
+        account,
+        meter: "simulations".into(),
+        max,
+        expires_at: now + ttl,
+        context: EventContext::default(),
+        now,
+    }
+}
+
+pub async fn leases_hold_slots_until_released_or_expired(store: Arc<dyn Store>) {
+    let now = t0();
+    let account = external(&store, "lab").await;
+    let other = external(&store, "other-lab").await;
+    // Concurrent acquires never exceed the maximum.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.acquire_lease(lease(account, Some(3), now, Duration::hours(1))).await.unwrap()
+        }));
+    }
+    let mut granted = Vec::new();
+    for t in tasks {
+        let d = t.await.unwrap();
+        if d.allowed {
+            granted.push(d.lease_id.unwrap());
+        } else {
+            assert_eq!(d.held, 3);
+            assert!(d.next_expiry.is_some());
+        }
+    }
+    assert_eq!(granted.len(), 3);
+    // Another account's slots are its own; its lease cannot be released by us.
+    let theirs = store.acquire_lease(lease(other, Some(3), now, Duration::hours(1))).await.unwrap();
+    assert!(theirs.allowed);
+    assert!(matches!(store.release_lease(account, theirs.lease_id.unwrap(), now).await, Err(StoreError::NotFound)));
+    // Releasing frees a slot, once.
+    store.release_lease(account, granted[0], now).await.unwrap();
+    assert!(matches!(store.release_lease(account, granted[0], now).await, Err(StoreError::NotFound)));
+    let again = store.acquire_lease(lease(account, Some(3), now, Duration::seconds(10))).await.unwrap();
+    assert!(again.allowed);
+    assert_eq!(again.held, 3);
+    // Expired leases free their slots by themselves.
+    let later = now + Duration::hours(2);
+    let d = store.acquire_lease(lease(account, Some(3), later, Duration::hours(1))).await.unwrap();
+    assert!(d.allowed);
+    assert_eq!(d.held, 1);
+    assert!(store.acquire_lease(lease(account, None, later, Duration::hours(1))).await.unwrap().allowed, "unlimited");
+    let unknown = store.acquire_lease(lease(AccountId::new(), Some(1), now, Duration::hours(1))).await;
+    assert!(matches!(unknown, Err(StoreError::NotFound)));
 }

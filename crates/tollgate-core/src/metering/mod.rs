@@ -10,7 +10,7 @@ pub mod window;
 use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
-use crate::ids::AccountId;
+use crate::ids::{AccountId, LeaseId};
 use crate::plans::{Allowance, Catalog, WindowLimit};
 use window::Window;
 
@@ -93,6 +93,35 @@ pub struct UsageRequest {
     pub idempotency: Option<Idempotency>,
     pub context: EventContext,
     pub now: Timestamp,
+}
+
+/// A request for a slot of a concurrency meter.
+#[derive(Clone, Debug)]
+pub struct LeaseRequest {
+    pub id: LeaseId,
+    pub account: AccountId,
+    pub meter: String,
+    /// Slots allowed at once; `None` unlimited.
+    pub max: Option<i64>,
+    pub expires_at: Timestamp,
+    pub context: EventContext,
+    pub now: Timestamp,
+}
+
+/// The answer to a lease request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseDecision {
+    pub allowed: bool,
+    /// Live leases after this request (including the new one when allowed).
+    pub held: i64,
+    pub max: Option<i64>,
+    /// The lease, when allowed.
+    pub lease_id: Option<LeaseId>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<Timestamp>,
+    /// When denied: when the first live lease expires (a slot frees up at the latest).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_expiry: Option<Timestamp>,
 }
 
 /// One window in an answer.

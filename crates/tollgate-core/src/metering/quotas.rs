@@ -7,12 +7,12 @@ use serde::Serialize;
 
 use super::window::Window;
 use super::{
-    EventContext, Idempotency, UsageDecision, UsageOp, UsageRequest, WindowCheck, WindowState, counter_checks,
-    plans_that_allow,
+    EventContext, Idempotency, LeaseDecision, LeaseRequest, UsageDecision, UsageOp, UsageRequest, WindowCheck,
+    WindowState, counter_checks, plans_that_allow,
 };
 use crate::accounts::Account;
 use crate::entitlements::{billing_anchor, effective_plan};
-use crate::ids::AccountId;
+use crate::ids::{AccountId, LeaseId};
 use crate::plans::{Allowance, Catalog, Meter, MeterKind};
 use crate::store::{Store, StoreError};
 
@@ -26,6 +26,8 @@ pub enum QuotaError {
     InvalidAmount,
     #[error("account not found")]
     AccountNotFound,
+    #[error("no live lease with this id for this account")]
+    LeaseNotFound,
     #[error("idempotency key already used for another request")]
     IdempotencyKeyReused,
     #[error(transparent)]
@@ -179,6 +181,60 @@ impl Quotas {
             allowing(catalog, &input.meter, |a| matches!(a, Allowance::Gauge { max } if max.is_none_or(|m| level <= m)))
         };
         Ok(ConsumeOutcome { decision, plan: plan.key.clone(), meter: meter.clone(), upgrade_plans })
+    }
+
+    /// Takes a slot of a concurrency meter for `lease_seconds` (default: the meter's
+    /// `lease_seconds`, else one hour). Returns the decision, the plan, and when denied
+    /// the plans with more slots.
+    pub async fn acquire(
+        &self,
+        catalog: &Catalog,
+        account: AccountId,
+        meter_key: &str,
+        lease_seconds: Option<u64>,
+        context: EventContext,
+    ) -> Result<(LeaseDecision, String, Vec<String>), QuotaError> {
+        let meter = catalog.meters.get(meter_key).ok_or_else(|| QuotaError::UnknownMeter(meter_key.to_owned()))?;
+        if meter.kind != MeterKind::Concurrency {
+            return Err(QuotaError::UnsupportedKind(meter.kind, UsageOp::Consume));
+        }
+        let subscription = self.store.subscription(account).await?;
+        let now = time::OffsetDateTime::now_utc();
+        let plan = effective_plan(catalog, subscription.as_ref(), now);
+        let max = match plan.allowances.get(meter_key) {
+            Some(Allowance::Concurrency { max }) => *max,
+            _ => Some(0),
+        };
+        let seconds = lease_seconds.or(meter.lease_seconds).unwrap_or(3600).clamp(1, 7 * 24 * 3600);
+        let request = LeaseRequest {
+            id: LeaseId::new(),
+            account,
+            meter: meter_key.to_owned(),
+            max,
+            expires_at: now + time::Duration::seconds(seconds as i64),
+            context,
+            now,
+        };
+        let decision = self.store.acquire_lease(request).await?;
+        let upgrade_plans = if decision.allowed {
+            vec![]
+        } else {
+            let needed = decision.held + 1;
+            allowing(
+                catalog,
+                meter_key,
+                |a| matches!(a, Allowance::Concurrency { max } if max.is_none_or(|m| needed <= m)),
+            )
+        };
+        Ok((decision, plan.key.clone(), upgrade_plans))
+    }
+
+    /// Releases a lease held by `account`.
+    pub async fn release(&self, account: AccountId, lease: LeaseId) -> Result<(), QuotaError> {
+        self.store.release_lease(account, lease, time::OffsetDateTime::now_utc()).await.map_err(|e| match e {
+            StoreError::NotFound => QuotaError::LeaseNotFound,
+            other => other.into(),
+        })
     }
 
     /// Caps and flags decide without counting.

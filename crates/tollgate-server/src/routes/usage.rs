@@ -306,3 +306,106 @@ pub async fn add(
 ) -> ApiResult<Response> {
     run(state, service, origin, headers, body, Route::Add).await
 }
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireBody {
+    /// Account id, or `ext:<your customer id>`.
+    pub account: String,
+    /// A concurrency meter.
+    pub meter: String,
+    /// How long the slot is held unless released (default: the meter's `lease_seconds`).
+    pub lease_seconds: Option<u64>,
+    pub endpoint: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LeaseAnswer {
+    pub allowed: bool,
+    pub plan: String,
+    /// Present when allowed: release it with `POST /v1/usage/leases/{id}/release`.
+    pub lease_id: Option<uuid::Uuid>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<time::OffsetDateTime>,
+    /// Live leases now.
+    pub held: i64,
+    /// Slots allowed at once; null = unlimited.
+    pub max: Option<i64>,
+}
+
+/// Takes a slot of a concurrency meter (e.g. a running simulation). Slots free up when
+/// released or when their lease expires.
+#[utoipa::path(post, path = "/v1/usage/acquire", tag = "usage", security(("bearer" = [])), request_body = AcquireBody,
+    responses(
+        (status = 200, description = "Slot taken", body = LeaseAnswer),
+        (status = 402, description = "`quota_exceeded`: every slot is taken; `Retry-After` until the first lease expires", body = ErrorResponse),
+        (status = 404, description = "No such account", body = ErrorResponse),
+        (status = 422, description = "Unknown meter or not a concurrency meter", body = ErrorResponse),
+    ))]
+pub async fn acquire(
+    State(state): State<AppState>,
+    service: Service,
+    Origin(origin): Origin,
+    ApiJson(body): ApiJson<AcquireBody>,
+) -> ApiResult<Response> {
+    service.require(Scope::UsageWrite)?;
+    let account = resolve_account(&state, &body.account).await?;
+    let context = EventContext { endpoint: body.endpoint.clone(), metadata: None, ip: origin.ip };
+    let catalog = state.catalog.get();
+    let (decision, plan, upgrade_plans) =
+        state.quotas.acquire(&catalog, account.id, &body.meter, body.lease_seconds, context).await?;
+    if decision.allowed {
+        let answer = LeaseAnswer {
+            allowed: true,
+            plan,
+            lease_id: decision.lease_id.map(|l| l.0),
+            expires_at: decision.expires_at,
+            held: decision.held,
+            max: decision.max,
+        };
+        return Ok((StatusCode::OK, Json(answer)).into_response());
+    }
+    let status = catalog.meters.get(&body.meter).and_then(|m| StatusCode::from_u16(m.deny_status).ok());
+    let details = serde_json::json!({
+        "meter": body.meter,
+        "held": decision.held,
+        "limit": decision.max,
+        "plan": plan,
+        "upgrade_plans": upgrade_plans,
+        "resets_at": decision.next_expiry.map(|t| t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()),
+    });
+    let error = serde_json::json!({ "error": { "code": "quota_exceeded", "message": format!("every {} slot is taken", body.meter), "details": details } });
+    let mut response = (status.unwrap_or(StatusCode::PAYMENT_REQUIRED), Json(error)).into_response();
+    if let Some(expiry) = decision.next_expiry {
+        let wait = std::time::Duration::try_from((expiry - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO))
+            .unwrap_or_default();
+        response.headers_mut().insert("retry-after", HeaderValue::from(ceil_secs(wait).max(1)));
+    }
+    Ok(response)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseBody {
+    /// The account that holds the lease (id or `ext:<id>`).
+    pub account: String,
+}
+
+/// Frees a slot taken with `/v1/usage/acquire`.
+#[utoipa::path(post, path = "/v1/usage/leases/{id}/release", tag = "usage", security(("bearer" = [])),
+    params(("id" = uuid::Uuid, Path, description = "Lease id")), request_body = ReleaseBody,
+    responses(
+        (status = 204, description = "Released"),
+        (status = 404, description = "No live lease with this id for this account", body = ErrorResponse),
+    ))]
+pub async fn release(
+    State(state): State<AppState>,
+    service: Service,
+    axum::extract::Path(id): axum::extract::Path<uuid::Uuid>,
+    ApiJson(body): ApiJson<ReleaseBody>,
+) -> ApiResult<StatusCode> {
+    service.require(Scope::UsageWrite)?;
+    let account = resolve_account(&state, &body.account).await?;
+    state.quotas.release(account.id, tollgate_core::ids::LeaseId(id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -69,6 +69,8 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/v1/usage/refund", "post"),
         ("/v1/usage/set", "post"),
         ("/v1/usage/add", "post"),
+        ("/v1/usage/acquire", "post"),
+        ("/v1/usage/leases/{id}/release", "post"),
         ("/v1/ratelimit/check", "post"),
     ];
     let mut documented = 0;

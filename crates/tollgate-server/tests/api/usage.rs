@@ -85,7 +85,11 @@ async fn monte_carlo_caps_flags_and_monthly_simulations() {
     assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
     assert!(r.body["error"]["details"]["resets_at"].as_str().unwrap().contains("-01T00:00:00Z"));
     let r = consume(&app, &key, "ext:lab", "concurrent_simulations", 1).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_meter_kind"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_meter_kind"),
+        "slots are acquired"
+    );
     app.stop().await;
 }
 
@@ -274,5 +278,50 @@ async fn a_refund_gives_quota_back() {
         (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_meter_kind"),
         "a counter has no level to set"
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn monte_carlo_concurrent_simulations_are_leases() {
+    let (app, key) = app_with("monte-carlo.toml").await;
+    customer(&app, &key, "lab", None).await;
+    let acquire =
+        || app.post_auth("/v1/usage/acquire", &key, json!({ "account": "ext:lab", "meter": "concurrent_simulations" }));
+    let mut leases = Vec::new();
+    for held in 1..=3 {
+        let r = acquire().await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.body["held"], held);
+        assert_eq!(r.body["max"], 3);
+        assert!(r.body["expires_at"].is_string());
+        leases.push(r.body["lease_id"].as_str().unwrap().to_owned());
+    }
+    let r = acquire().await;
+    assert_eq!((r.status, r.code()), (StatusCode::PAYMENT_REQUIRED, "quota_exceeded"));
+    assert_eq!(r.body["error"]["details"]["upgrade_plans"], json!(["basic", "pro", "enterprise"]));
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry > 3500 && retry <= 3600, "until the first lease expires: {retry}");
+    let release = |id: String, account: &'static str| {
+        let app = &app;
+        let key = key.clone();
+        async move { app.post_auth(&format!("/v1/usage/leases/{id}/release"), &key, json!({ "account": account })).await }
+    };
+    customer(&app, &key, "other", None).await;
+    assert_eq!(release(leases[0].clone(), "ext:other").await.status, StatusCode::NOT_FOUND, "not theirs");
+    assert_eq!(release(leases[0].clone(), "ext:lab").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(release(leases[0].clone(), "ext:lab").await.status, StatusCode::NOT_FOUND, "released once");
+    assert_eq!(acquire().await.status, StatusCode::OK, "the slot is free again");
+    // A short lease frees itself.
+    app.post_auth("/v1/accounts/ext:lab/subscription", &key, json!({ "plan": "basic" })).await;
+    let short = app
+        .post_auth(
+            "/v1/usage/acquire",
+            &key,
+            json!({ "account": "ext:lab", "meter": "concurrent_simulations", "lease_seconds": 1 }),
+        )
+        .await;
+    assert_eq!(short.body["held"], 4, "basic allows 10");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(acquire().await.body["held"], 4, "the expired lease no longer counts");
     app.stop().await;
 }
