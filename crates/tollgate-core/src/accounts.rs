@@ -84,6 +84,11 @@ pub struct Subscription {
     #[serde(with = "time::serde::rfc3339::option")]
     pub trial_ends_at: Option<Timestamp>,
     pub cancel_at_period_end: bool,
+    /// A plan to switch to at `scheduled_at` (a downgrade at period end).
+    pub scheduled_plan: Option<String>,
+    /// When `scheduled_plan` or `cancel_at_period_end` takes effect.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub scheduled_at: Option<Timestamp>,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: Timestamp,
 }

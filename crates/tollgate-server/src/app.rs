@@ -85,7 +85,7 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(plans::list_plans))
         .routes(routes!(accounts::create_account))
         .routes(routes!(accounts::get_account))
-        .routes(routes!(accounts::put_subscription))
+        .routes(routes!(accounts::put_subscription, accounts::cancel_subscription))
         .routes(routes!(accounts::entitlements))
         .routes(routes!(accounts::usage))
         .routes(routes!(usage::check))

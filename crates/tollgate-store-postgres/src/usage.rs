@@ -244,8 +244,8 @@ pub(crate) async fn account_by_external_id(store: &PgStore, external_id: &str) -
 
 pub(crate) async fn subscription(store: &PgStore, account: AccountId) -> Result<Option<Subscription>, StoreError> {
     let row = sqlx::query(
-        "SELECT plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, updated_at \
-         FROM subscriptions WHERE account_id = $1",
+        "SELECT plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, scheduled_plan, scheduled_at, \
+           updated_at FROM subscriptions WHERE account_id = $1",
     )
     .bind(account.0)
     .fetch_optional(&store.pool)
@@ -261,6 +261,8 @@ pub(crate) async fn subscription(store: &PgStore, account: AccountId) -> Result<
         started_at: get(&row, "started_at")?,
         trial_ends_at: get(&row, "trial_ends_at")?,
         cancel_at_period_end: get(&row, "cancel_at_period_end")?,
+        scheduled_plan: get(&row, "scheduled_plan")?,
+        scheduled_at: get(&row, "scheduled_at")?,
         updated_at: get(&row, "updated_at")?,
     }))
 }
@@ -269,11 +271,13 @@ pub(crate) async fn put_subscription(store: &PgStore, s: Subscription, audit: Au
     let mut tx = store.pool.begin().await.map_err(db_error)?;
     // An unknown account fails the foreign key: `NotFound` (see `db_error`).
     sqlx::query(
-        "INSERT INTO subscriptions (account_id, plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+        "INSERT INTO subscriptions (account_id, plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, \
+           scheduled_plan, scheduled_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10, $8) \
          ON CONFLICT (account_id) DO UPDATE SET plan_key = excluded.plan_key, status = excluded.status, \
            provider = excluded.provider, started_at = excluded.started_at, trial_ends_at = excluded.trial_ends_at, \
-           cancel_at_period_end = excluded.cancel_at_period_end, updated_at = excluded.updated_at",
+           cancel_at_period_end = excluded.cancel_at_period_end, scheduled_plan = excluded.scheduled_plan, \
+           scheduled_at = excluded.scheduled_at, updated_at = excluded.updated_at",
     )
     .bind(s.account_id.0)
     .bind(&s.plan)
@@ -283,6 +287,8 @@ pub(crate) async fn put_subscription(store: &PgStore, s: Subscription, audit: Au
     .bind(s.trial_ends_at)
     .bind(s.cancel_at_period_end)
     .bind(s.updated_at)
+    .bind(&s.scheduled_plan)
+    .bind(s.scheduled_at)
     .execute(&mut *tx)
     .await
     .map_err(db_error)?;

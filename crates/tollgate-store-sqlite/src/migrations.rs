@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "identity", include_str!("../migrations/0001_identity.sql")),
     (2, "plans_accounts_usage", include_str!("../migrations/0002_plans_accounts_usage.sql")),
     (3, "usage_leases", include_str!("../migrations/0003_usage_leases.sql")),
+    (4, "subscription_changes", include_str!("../migrations/0004_subscription_changes.sql")),
 ];
 
 #[derive(Debug)]

@@ -234,8 +234,8 @@ pub(crate) async fn subscription(store: &SqliteStore, account: AccountId) -> Res
         return Ok(cached);
     }
     let row = sqlx::query(
-        "SELECT plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, updated_at \
-         FROM subscriptions WHERE account_id = ?1",
+        "SELECT plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, scheduled_plan, scheduled_at, \
+           updated_at FROM subscriptions WHERE account_id = ?1",
     )
     .bind(account.0)
     .fetch_optional(&store.reader)
@@ -255,6 +255,8 @@ pub(crate) async fn subscription(store: &SqliteStore, account: AccountId) -> Res
         started_at: from_micros(row.try_get("started_at").map_err(db_error)?)?,
         trial_ends_at: trial.map(from_micros).transpose()?,
         cancel_at_period_end: row.try_get("cancel_at_period_end").map_err(db_error)?,
+        scheduled_plan: row.try_get("scheduled_plan").map_err(db_error)?,
+        scheduled_at: row.try_get::<Option<i64>, _>("scheduled_at").map_err(db_error)?.map(from_micros).transpose()?,
         updated_at: from_micros(row.try_get("updated_at").map_err(db_error)?)?,
     };
     store.cache.fill_subscription(account, Some(subscription.clone()));
@@ -268,11 +270,13 @@ pub(crate) async fn put_subscription(
 ) -> Result<(), StoreError> {
     let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
     sqlx::query(
-        "INSERT INTO subscriptions (account_id, plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+        "INSERT INTO subscriptions (account_id, plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, \
+           scheduled_plan, scheduled_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9, ?10, ?8) \
          ON CONFLICT (account_id) DO UPDATE SET plan_key = excluded.plan_key, status = excluded.status, \
            provider = excluded.provider, started_at = excluded.started_at, trial_ends_at = excluded.trial_ends_at, \
-           cancel_at_period_end = excluded.cancel_at_period_end, updated_at = excluded.updated_at",
+           cancel_at_period_end = excluded.cancel_at_period_end, scheduled_plan = excluded.scheduled_plan, \
+           scheduled_at = excluded.scheduled_at, updated_at = excluded.updated_at",
     )
     .bind(s.account_id.0)
     .bind(&s.plan)
@@ -282,6 +286,8 @@ pub(crate) async fn put_subscription(
     .bind(s.trial_ends_at.map(micros))
     .bind(s.cancel_at_period_end)
     .bind(micros(s.updated_at))
+    .bind(&s.scheduled_plan)
+    .bind(s.scheduled_at.map(micros))
     .execute(&mut *tx)
     .await
     .map_err(db_error)?;

@@ -92,6 +92,8 @@ pub async fn catalog_apply_is_idempotent_and_archives_plans_in_use(store: Arc<dy
         started_at: now,
         trial_ends_at: None,
         cancel_at_period_end: false,
+        scheduled_plan: None,
+        scheduled_at: None,
         updated_at: now,
     };
     store.put_subscription(sub, audit("subscription.changed", now)).await.unwrap();
@@ -156,6 +158,8 @@ pub async fn subscriptions_are_one_per_account(store: Arc<dyn Store>) {
         started_at: now,
         trial_ends_at: Some(now + Duration::days(14)),
         cancel_at_period_end: false,
+        scheduled_plan: None,
+        scheduled_at: None,
         updated_at: now,
     };
     store.put_subscription(sub.clone(), audit("s", now)).await.unwrap();
@@ -163,6 +167,8 @@ pub async fn subscriptions_are_one_per_account(store: Arc<dyn Store>) {
     sub.plan = "max".into();
     sub.status = SubscriptionStatus::Active;
     sub.cancel_at_period_end = true;
+    sub.scheduled_plan = Some("free".into());
+    sub.scheduled_at = Some(now + Duration::days(30));
     sub.trial_ends_at = None;
     store.put_subscription(sub.clone(), audit("s", now)).await.unwrap();
     assert_eq!(store.subscription(account).await.unwrap().unwrap(), sub);

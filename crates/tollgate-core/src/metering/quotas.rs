@@ -87,6 +87,8 @@ pub struct MeterEntitlement {
 pub struct Entitlements {
     pub account: Account,
     pub plan: String,
+    /// The subscription behind `plan` (with any scheduled change), if any.
+    pub subscription: Option<crate::accounts::Subscription>,
     pub features: std::collections::BTreeMap<String, serde_json::Value>,
     pub meters: Vec<MeterEntitlement>,
     /// Every counter has room for at least one more unit in every window.
@@ -310,6 +312,7 @@ impl Quotas {
         Ok(Entitlements {
             account,
             plan: plan.key.clone(),
+            subscription: subscription.clone(),
             features: plan.features.clone(),
             meters,
             can_consume,

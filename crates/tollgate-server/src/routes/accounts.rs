@@ -11,6 +11,7 @@ use tollgate_core::accounts::{
     Account, MAX_EXTERNAL_ID_LEN, NewExternalAccount, Scope, Subscription, SubscriptionStatus,
 };
 use tollgate_core::audit::{Actor, AuditEvent};
+use tollgate_core::entitlements::{effective_plan_key, period_end};
 use tollgate_core::ids::AccountId;
 use tollgate_core::metering::quotas::Entitlements;
 use tollgate_core::store::DailyUsage;
@@ -128,6 +129,8 @@ pub async fn create_account(
     Ok((status, Json(AccountView::from(&account))))
 }
 
+/// Puts the account on `plan` now (a new billing period starts), clearing any
+/// scheduled change.
 async fn subscribe(
     state: &AppState,
     service: &Service,
@@ -145,14 +148,41 @@ async fn subscribe(
         started_at: now,
         trial_ends_at: (trial_days > 0).then(|| now + time::Duration::days(i64::from(trial_days))),
         cancel_at_period_end: false,
+        scheduled_plan: None,
+        scheduled_at: None,
         updated_at: now,
     };
-    let audit = AuditEvent::new(Actor::System, "subscription.changed", origin, now)
+    save(state, service, origin, subscription, "subscription.changed").await
+}
+
+async fn save(
+    state: &AppState,
+    service: &Service,
+    origin: &tollgate_core::audit::RequestOrigin,
+    subscription: Subscription,
+    action: &str,
+) -> Result<Subscription, ApiError> {
+    let audit = AuditEvent::new(Actor::System, action, origin, subscription.updated_at)
         .meta("service_key_id", service.0.id.to_string())
-        .meta("account_id", account.id.to_string())
-        .meta("plan", plan);
+        .meta("account_id", subscription.account_id.to_string())
+        .meta("plan", subscription.plan.clone())
+        .meta("scheduled_plan", subscription.scheduled_plan.clone())
+        .meta("cancel_at_period_end", subscription.cancel_at_period_end);
     state.store.put_subscription(subscription.clone(), audit).await?;
     Ok(subscription)
+}
+
+/// The live subscription as it stands now, with a scheduled change that is already
+/// due folded in (so a new change starts from the plan really in force).
+fn settled(subscription: Option<Subscription>, now: OffsetDateTime) -> Option<Subscription> {
+    let mut s = subscription.filter(|s| s.status.is_live())?;
+    let plan = effective_plan_key(Some(&s), now)?;
+    if s.scheduled_at.is_some_and(|at| at <= now) {
+        s.plan = plan;
+        s.scheduled_plan = None;
+        s.scheduled_at = None;
+    }
+    Some(s)
 }
 
 /// An account by id or `ext:<external id>`.
@@ -178,6 +208,9 @@ pub struct SubscribeBody {
     /// Start with a trial of this many days.
     #[serde(default)]
     pub trial_days: u32,
+    /// Switch at the end of the current billing period instead of now (a downgrade).
+    #[serde(default)]
+    pub at_period_end: bool,
 }
 
 /// Puts the account on a plan now (manual provider; Stripe comes with billing).
@@ -207,7 +240,60 @@ pub async fn put_subscription(
             message: "at most 366 days".into(),
         }]));
     }
-    subscribe(&state, &service, &origin, &account, &body.plan, body.trial_days).await?;
+    let now = OffsetDateTime::now_utc();
+    match settled(state.store.subscription(account.id).await?, now) {
+        Some(mut current) if body.at_period_end => {
+            current.scheduled_at = Some(period_end(current.started_at, now));
+            current.scheduled_plan = Some(body.plan);
+            current.cancel_at_period_end = false;
+            current.updated_at = now;
+            save(&state, &service, &origin, current, "subscription.change_scheduled").await?;
+        }
+        _ => {
+            subscribe(&state, &service, &origin, &account, &body.plan, body.trial_days).await?;
+        }
+    }
+    Ok(Json(state.quotas.entitlements(&state.catalog.get(), account).await?))
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct CancelQuery {
+    /// Keep the plan until the end of the current billing period (default: now).
+    #[serde(default)]
+    pub at_period_end: bool,
+}
+
+/// Cancels the subscription: now (back to the default plan at once) or at the end of
+/// the current billing period.
+#[utoipa::path(delete, path = "/v1/accounts/{id}/subscription", tag = "accounts", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Account id or `ext:<external id>`"), CancelQuery),
+    responses(
+        (status = 200, description = "Canceled; the entitlements now", body = Object),
+        (status = 404, description = "No such account, or no live subscription", body = ErrorResponse),
+    ))]
+pub async fn cancel_subscription(
+    State(state): State<AppState>,
+    service: Service,
+    Origin(origin): Origin,
+    Path(id): Path<String>,
+    Query(query): Query<CancelQuery>,
+) -> ApiResult<Json<Entitlements>> {
+    service.require(Scope::AccountsWrite)?;
+    let account = resolve_account(&state, &id).await?;
+    let now = OffsetDateTime::now_utc();
+    let mut current = settled(state.store.subscription(account.id).await?, now).ok_or(ApiError::NotFound)?;
+    if query.at_period_end {
+        current.cancel_at_period_end = true;
+        current.scheduled_plan = None;
+        current.scheduled_at = Some(period_end(current.started_at, now));
+    } else {
+        current.status = SubscriptionStatus::Canceled;
+        current.cancel_at_period_end = false;
+        current.scheduled_plan = None;
+        current.scheduled_at = None;
+    }
+    current.updated_at = now;
+    save(&state, &service, &origin, current, "subscription.canceled").await?;
     Ok(Json(state.quotas.entitlements(&state.catalog.get(), account).await?))
 }
 

@@ -92,3 +92,29 @@ async fn a_users_personal_account_has_entitlements_too() {
     assert_eq!(r.body["account"]["kind"], "personal");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn downgrades_wait_for_the_period_end_and_cancels_fall_back() {
+    let app = TestApp::builder().example_plans("chatbot.toml").start().await;
+    let key = app.service_key(&["accounts:write", "usage:read"]).await;
+    app.post_auth("/v1/accounts", &key, json!({ "external_id": "awa", "plan": "max" })).await;
+    let r =
+        app.post_auth("/v1/accounts/ext:awa/subscription", &key, json!({ "plan": "pro", "at_period_end": true })).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["plan"], "max", "still max until the period ends");
+    assert_eq!(r.body["subscription"]["scheduled_plan"], "pro");
+    assert!(r.body["subscription"]["scheduled_at"].is_string());
+    // An upgrade now replaces the scheduled change.
+    let r = app.post_auth("/v1/accounts/ext:awa/subscription", &key, json!({ "plan": "enterprise" })).await;
+    assert_eq!(r.body["plan"], "enterprise");
+    assert!(r.body["subscription"]["scheduled_plan"].is_null());
+    let r = app.request(Method::DELETE, "/v1/accounts/ext:awa/subscription?at_period_end=true", Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["plan"], "enterprise");
+    assert_eq!(r.body["subscription"]["cancel_at_period_end"], true);
+    let r = app.request(Method::DELETE, "/v1/accounts/ext:awa/subscription", Some(&key), None).await;
+    assert_eq!(r.body["plan"], "free", "canceled now: the default plan");
+    let r = app.request(Method::DELETE, "/v1/accounts/ext:awa/subscription", Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "nothing left to cancel");
+    app.stop().await;
+}

@@ -62,6 +62,7 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/v1/accounts", "post"),
         ("/v1/accounts/{id}", "get"),
         ("/v1/accounts/{id}/subscription", "post"),
+        ("/v1/accounts/{id}/subscription", "delete"),
         ("/v1/accounts/{id}/entitlements", "get"),
         ("/v1/accounts/{id}/usage", "get"),
         ("/v1/usage/check", "post"),
