@@ -185,10 +185,6 @@ async fn run(
         Route::Add if body.amount < 0 => UsageOp::Refund,
         Route::Add => UsageOp::Consume,
     };
-    if matches!(route, Route::Add) {
-        body.amount = body.amount.checked_abs().unwrap_or(0);
-    }
-    validate(&body, op == UsageOp::Set)?;
     let dry_run = matches!(route, Route::Check);
     let route_name = match route {
         Route::Check => "check",
@@ -197,7 +193,12 @@ async fn run(
         Route::Set => "set",
         Route::Add => "add",
     };
+    // Fingerprint the body as sent, before the sign of `add` is folded into `op`.
     let idempotency = if dry_run { None } else { idempotency(&headers, &service, route_name, &body)? };
+    if matches!(route, Route::Add) {
+        body.amount = body.amount.checked_abs().unwrap_or(0);
+    }
+    validate(&body, op == UsageOp::Set)?;
     let account = resolve_account(&state, &body.account).await?;
     let input = ConsumeInput {
         account: account.id,

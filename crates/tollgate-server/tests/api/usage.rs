@@ -249,6 +249,17 @@ async fn medical_imaging_storage_is_a_gauge() {
     assert_eq!(set(0).await.body["windows"][0]["used"], 0);
     assert_eq!(add(-1).await.body["windows"][0]["used"], 0, "never below zero");
     assert_eq!(add(0).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // The sign is part of the request an idempotency key stands for.
+    let keyed = |amount: i64| {
+        app.client
+            .post(app.url("/v1/usage/add"))
+            .bearer_auth(&key)
+            .header("idempotency-key", "move-1")
+            .json(&json!({ "account": "ext:clinic", "meter": "storage_dicom", "amount": amount }))
+            .send()
+    };
+    assert_eq!(keyed(-1).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(keyed(1).await.unwrap().status(), StatusCode::UNPROCESSABLE_ENTITY);
     let r = app.get_auth("/v1/accounts/ext:clinic/entitlements", &key).await;
     let meter = r.body["meters"].as_array().unwrap().iter().find(|m| m["meter"] == "storage_dicom").unwrap().clone();
     assert_eq!(meter["max"], 10 * gib);
