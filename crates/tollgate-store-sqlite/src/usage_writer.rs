@@ -203,7 +203,7 @@ async fn decide(
         // A refund on a rolling window takes from the current bucket only, which may
         // hold less than the window: a row never goes below zero.
         let delta = (*delta).max(-*value);
-        *value += delta;
+        *value = value.saturating_add(delta);
         *pending.counters.entry(key).or_insert(0) += delta;
     }
     let windows = request.windows.iter().zip(&applied.after).map(|(w, u)| WindowState::new(w, *u)).collect();

@@ -14,6 +14,10 @@ use crate::ids::{AccountId, LeaseId};
 use crate::plans::{Allowance, Catalog, WindowLimit};
 use window::Window;
 
+/// Largest amount one request may move (10^15): far above any real use, far enough
+/// below `i64::MAX` that sums of counters cannot overflow.
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
+
 /// At or above this share of a limit, answers carry a warning.
 pub const WARNING_RATIO: f64 = 0.8;
 

@@ -132,7 +132,7 @@ impl Quotas {
     /// windows. Counters count; caps and flags only decide.
     pub async fn consume(&self, catalog: &Catalog, input: ConsumeInput) -> Result<ConsumeOutcome, QuotaError> {
         // A gauge may be set to zero; everything else moves by a positive amount.
-        if input.amount < 0 || (input.amount == 0 && input.op != UsageOp::Set) {
+        if input.amount < 0 || input.amount > super::MAX_AMOUNT || (input.amount == 0 && input.op != UsageOp::Set) {
             return Err(QuotaError::InvalidAmount);
         }
         let meter = catalog.meters.get(&input.meter).ok_or_else(|| QuotaError::UnknownMeter(input.meter.clone()))?;

@@ -66,6 +66,8 @@ fn validate(body: &UsageBody, zero_ok: bool) -> Result<(), ApiError> {
     let mut errors = Vec::new();
     if body.amount < 0 || (body.amount == 0 && !zero_ok) {
         errors.push(field("amount", "must_be_positive", "amount must be a positive integer"));
+    } else if body.amount > tollgate_core::metering::MAX_AMOUNT {
+        errors.push(field("amount", "too_large", "amount must be at most 10^15"));
     }
     if body.meter.is_empty() || body.meter.len() > 64 {
         errors.push(field("meter", "invalid", "meter must be 1 to 64 characters"));

@@ -197,6 +197,7 @@ async fn bad_usage_requests_are_clear_4xx() {
         (json!({ "account": "ext:awa", "meter": "messages", "amount": 0 }), 422, "validation_failed"),
         (json!({ "account": "ext:awa", "meter": "messages", "amount": -3 }), 422, "validation_failed"),
         (json!({ "account": "ext:awa", "meter": "messages", "amount": 1e30 }), 422, "invalid_body"),
+        (json!({ "account": "ext:awa", "meter": "messages", "amount": i64::MAX }), 422, "validation_failed"),
         (json!({ "account": "ext:awa", "meter": "messages", "amount": "1" }), 422, "invalid_body"),
         (json!({ "account": "ext:awa", "meter": "messages", "extra": true }), 422, "invalid_body"),
         (json!({ "account": "ext:awa", "meter": "nope" }), 422, "unknown_meter"),
