@@ -20,31 +20,44 @@ pub(crate) struct ReadCache {
     subscriptions: Map<AccountId, Option<Subscription>>,
 }
 
-struct Map<K, V>(Mutex<HashMap<K, V>>);
+/// A map with a generation that every write bumps: a read that began before a write
+/// (its generation is older) must not fill in what it read, which may be stale.
+struct Map<K, V>(Mutex<(u64, HashMap<K, V>)>);
 
 impl<K, V> Default for Map<K, V> {
     fn default() -> Self {
-        Self(Mutex::new(HashMap::new()))
+        Self(Mutex::new((0, HashMap::new())))
     }
 }
 
 impl<K: Eq + Hash, V: Clone> Map<K, V> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<K, V>)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn get(&self, key: &K) -> Option<V> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+        self.lock().1.get(key).cloned()
     }
 
-    /// Fills a gap only: a read must never overwrite what a concurrent write stored
-    /// after the read began.
-    fn fill(&self, key: K, value: V) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= MAX_ENTRIES {
-            map.clear();
+    fn generation(&self) -> u64 {
+        self.lock().0
+    }
+
+    /// Fills a gap with what a read found, unless a write happened since the read
+    /// began (`seen`) or the map is full.
+    fn fill(&self, key: K, value: V, seen: u64) {
+        let mut guard = self.lock();
+        let (generation, map) = &mut *guard;
+        if *generation == seen && map.len() < MAX_ENTRIES {
+            map.entry(key).or_insert(value);
         }
-        map.entry(key).or_insert(value);
     }
 
+    /// After a write: the new value, and a new generation.
     fn put(&self, key: K, value: V) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.lock();
+        let (generation, map) = &mut *guard;
+        *generation += 1;
         if map.len() >= MAX_ENTRIES {
             map.clear();
         }
@@ -61,7 +74,8 @@ impl ReadCache {
         self.external.get(&external_id.to_owned()).and_then(|id| self.accounts.get(&id))
     }
 
-    /// Remembers an account that exists (absence is never cached: it may be created).
+    /// Remembers an account that exists (absence is never cached: it may be created;
+    /// an account row never changes once created, so any read may fill it).
     pub(crate) fn remember_account(&self, account: &Account) {
         if let Some(external) = &account.external_id {
             self.external.put(external.clone(), account.id);
@@ -69,14 +83,19 @@ impl ReadCache {
         self.accounts.put(account.id, account.clone());
     }
 
+    /// Taken before reading a subscription from the database.
+    pub(crate) fn subscription_generation(&self) -> u64 {
+        self.subscriptions.generation()
+    }
+
     /// `Some(cached)` when known, `None` when the database must be asked.
     pub(crate) fn subscription(&self, account: AccountId) -> Option<Option<Subscription>> {
         self.subscriptions.get(&account)
     }
 
-    /// After reading the database.
-    pub(crate) fn fill_subscription(&self, account: AccountId, subscription: Option<Subscription>) {
-        self.subscriptions.fill(account, subscription);
+    /// After reading the database, with the generation taken before the read.
+    pub(crate) fn fill_subscription(&self, account: AccountId, subscription: Option<Subscription>, seen: u64) {
+        self.subscriptions.fill(account, subscription, seen);
     }
 
     /// After writing it.

@@ -233,6 +233,7 @@ pub(crate) async fn subscription(store: &SqliteStore, account: AccountId) -> Res
     if let Some(cached) = store.cache.subscription(account) {
         return Ok(cached);
     }
+    let seen = store.cache.subscription_generation();
     let row = sqlx::query(
         "SELECT plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, scheduled_plan, scheduled_at, \
            updated_at FROM subscriptions WHERE account_id = ?1",
@@ -242,7 +243,7 @@ pub(crate) async fn subscription(store: &SqliteStore, account: AccountId) -> Res
     .await
     .map_err(db_error)?;
     let Some(row) = row else {
-        store.cache.fill_subscription(account, None);
+        store.cache.fill_subscription(account, None, seen);
         return Ok(None);
     };
     let status: String = row.try_get("status").map_err(db_error)?;
@@ -259,7 +260,7 @@ pub(crate) async fn subscription(store: &SqliteStore, account: AccountId) -> Res
         scheduled_at: row.try_get::<Option<i64>, _>("scheduled_at").map_err(db_error)?.map(from_micros).transpose()?,
         updated_at: from_micros(row.try_get("updated_at").map_err(db_error)?)?,
     };
-    store.cache.fill_subscription(account, Some(subscription.clone()));
+    store.cache.fill_subscription(account, Some(subscription.clone()), seen);
     Ok(Some(subscription))
 }
 

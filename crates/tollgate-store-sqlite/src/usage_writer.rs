@@ -195,16 +195,23 @@ async fn decide(
         }
         used.push(sum);
     }
-    let applied = metering::apply(request.op, &request.windows, &used, request.amount);
-    for (window, delta) in request.windows.iter().zip(&applied.deltas).filter(|(_, d)| **d != 0) {
+    let mut applied = metering::apply(request.op, &request.windows, &used, request.amount);
+    for (i, window) in request.windows.iter().enumerate() {
+        if applied.deltas[i] == 0 {
+            continue;
+        }
         let key = (request.account, request.meter.clone(), window.increment_key.clone());
         // `counter` above loaded every count key; the increment key is one of them.
         let value = cache.counters.entry(key.clone()).or_insert(0);
         // A refund on a rolling window takes from the current bucket only, which may
-        // hold less than the window: a row never goes below zero.
-        let delta = (*delta).max(-*value);
+        // hold less than the window: a row never goes below zero, and the answer,
+        // the event and the rollup report what was really taken.
+        let delta = applied.deltas[i].max(-*value);
+        applied.after[i] = used[i].saturating_add(delta);
+        applied.deltas[i] = delta;
         *value = value.saturating_add(delta);
-        *pending.counters.entry(key).or_insert(0) += delta;
+        let pending_delta = pending.counters.entry(key).or_insert(0);
+        *pending_delta = pending_delta.saturating_add(delta);
     }
     let windows = request.windows.iter().zip(&applied.after).map(|(w, u)| WindowState::new(w, *u)).collect();
     let decision = UsageDecision { allowed: applied.allowed, windows, denied_by: applied.denied_by, replayed: false };
@@ -224,7 +231,7 @@ async fn decide(
     let daily = pending.daily.entry((request.account, request.meter.clone(), day_of(request.now))).or_insert((0, 0));
     if applied.allowed {
         // Net change: consumes add, refunds and lowered gauges subtract.
-        daily.0 += applied.deltas.first().copied().unwrap_or(0);
+        daily.0 = daily.0.saturating_add(applied.deltas.first().copied().unwrap_or(0));
     } else {
         daily.1 += 1;
     }

@@ -167,9 +167,9 @@ impl WindowState {
 /// cannot disagree on the rule.
 pub fn decide(checks: &[WindowCheck], used: &[i64], amount: i64) -> (bool, Option<Window>) {
     for (check, used) in checks.iter().zip(used) {
-        if let Some(limit) = check.limit
-            && used.saturating_add(amount) > limit
-        {
+        // An unlimited window still cannot count past what an i64 holds.
+        let Some(after) = used.checked_add(amount) else { return (false, Some(check.window)) };
+        if check.limit.is_some_and(|limit| after > limit) {
             return (false, Some(check.window));
         }
     }
@@ -294,7 +294,12 @@ mod tests {
         assert_eq!(decide(&checks, &[4, 100], 1), (true, None));
         assert_eq!(decide(&checks, &[5, 100], 1), (false, Some(Window::Day)));
         assert_eq!(decide(&checks, &[0, 150], 1), (false, Some(Window::Month)));
-        assert_eq!(decide(&[check(None, Window::Day)], &[i64::MAX], 1), (true, None));
+        assert_eq!(decide(&[check(None, Window::Day)], &[1_000_000], 1), (true, None), "unlimited");
+        assert_eq!(
+            decide(&[check(None, Window::Day)], &[i64::MAX], 1),
+            (false, Some(Window::Day)),
+            "but never past i64"
+        );
     }
 
     #[test]

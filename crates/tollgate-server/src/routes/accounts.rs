@@ -249,6 +249,17 @@ pub async fn put_subscription(
             current.updated_at = now;
             save(&state, &service, &origin, current, "subscription.change_scheduled").await?;
         }
+        // Asking again for the plan already in force changes nothing (and cannot
+        // restart the billing period or the trial).
+        Some(current)
+            if current.plan == body.plan && current.scheduled_plan.is_none() && !current.cancel_at_period_end => {}
+        Some(mut current) if current.plan == body.plan => {
+            current.scheduled_plan = None;
+            current.scheduled_at = None;
+            current.cancel_at_period_end = false;
+            current.updated_at = now;
+            save(&state, &service, &origin, current, "subscription.change_unscheduled").await?;
+        }
         _ => {
             subscribe(&state, &service, &origin, &account, &body.plan, body.trial_days).await?;
         }

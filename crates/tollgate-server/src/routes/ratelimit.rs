@@ -89,8 +89,14 @@ pub async fn check(
         None => (catalog.default_plan().clone(), None),
     };
     let limit = plan.rate_limit(&body.scope).ok_or_else(|| ApiError::UnknownRateLimitScope(body.scope.clone()))?;
-    let subject = body.key.or(account_key).ok_or_else(|| field_error("key", "give a key or an account"))?;
-    if subject.len() > 200 {
+    // Explicit keys and account ids live apart, so a caller's key can never be
+    // another account's bucket.
+    let subject = match (body.key, account_key) {
+        (Some(key), _) => format!("k:{key}"),
+        (None, Some(account)) => format!("a:{account}"),
+        (None, None) => return Err(field_error("key", "give a key or an account")),
+    };
+    if subject.len() > 202 {
         return Err(field_error("key", "key must be at most 200 characters"));
     }
     let decision = state.limiter.hit(&format!("rl:{}:{subject}", body.scope), limit, body.cost).await;
