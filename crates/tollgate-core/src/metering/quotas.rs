@@ -179,7 +179,11 @@ impl Quotas {
             plans_that_allow(catalog, &input.meter, &decision.windows, amount)
         } else {
             // A gauge: the level it would reach.
-            let level = if input.op == UsageOp::Set { amount } else { decision.windows[0].used + amount };
+            let level = if input.op == UsageOp::Set {
+                amount
+            } else {
+                decision.windows.first().map_or(0, |w| w.used).saturating_add(amount)
+            };
             allowing(catalog, &input.meter, |a| matches!(a, Allowance::Gauge { max } if max.is_none_or(|m| level <= m)))
         };
         Ok(ConsumeOutcome { decision, plan: plan.key.clone(), meter: meter.clone(), upgrade_plans })
