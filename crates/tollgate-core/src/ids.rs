@@ -75,3 +75,7 @@ typed_id!(
     /// A lease on a concurrency meter (a slot held until released or expired).
     LeaseId
 );
+typed_id!(
+    /// A reservation: usage counted before the work, settled after it.
+    ReservationId
+);

@@ -13,8 +13,8 @@ use crate::identity::{
     EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
     TokenDigest, TokenEffect, TokenPurpose, User,
 };
-use crate::ids::{AccountId, EmailId, LeaseId, SessionId, UserId};
-use crate::metering::{LeaseDecision, LeaseRequest, UsageDecision, UsageRequest};
+use crate::ids::{AccountId, EmailId, LeaseId, ReservationId, SessionId, UserId};
+use crate::metering::{LeaseDecision, LeaseRequest, Reservation, UsageDecision, UsageRequest};
 use crate::plans::Catalog;
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +245,12 @@ pub trait Store: Send + Sync + 'static {
     /// A known idempotency key with the same request replays the stored decision;
     /// with another request it is `Conflict("idempotency_key")`.
     async fn consume_usage(&self, request: UsageRequest) -> Result<UsageDecision, StoreError>;
+
+    /// A reservation of `account` (any status).
+    async fn reservation(&self, account: AccountId, id: ReservationId) -> Result<Option<Reservation>, StoreError>;
+
+    /// Pending reservations whose time ran out, oldest first, at most `limit`.
+    async fn expired_reservations(&self, now: Timestamp, limit: u32) -> Result<Vec<Reservation>, StoreError>;
 
     /// Takes a slot of a concurrency meter when fewer than `max` live (unreleased,
     /// unexpired) leases exist, atomically; records a `consumed` or `denied` event.

@@ -95,6 +95,9 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(usage::add))
         .routes(routes!(usage::acquire))
         .routes(routes!(usage::release))
+        .routes(routes!(usage::reserve))
+        .routes(routes!(usage::commit))
+        .routes(routes!(usage::release_reservation))
         .routes(routes!(ratelimit::check));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))

@@ -245,7 +245,12 @@ impl From<tollgate_core::metering::quotas::QuotaError> for ApiError {
                 code: "must_be_positive",
                 message: "amount must be a positive integer".into(),
             }]),
-            E::AccountNotFound | E::LeaseNotFound => ApiError::NotFound,
+            E::AccountNotFound | E::LeaseNotFound | E::ReservationNotFound => ApiError::NotFound,
+            E::CommitExceedsReservation => ApiError::Validation(vec![tollgate_core::identity::flows::FieldError {
+                field: "amount",
+                code: "exceeds_reservation",
+                message: "the final amount exceeds what was reserved".into(),
+            }]),
             E::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
             E::Store(s) => s.into(),
         }

@@ -153,6 +153,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mailer = Mailer::new(state.store.clone(), transport);
     let mailer_task = tokio::spawn(mailer.run(Duration::from_millis(500), shutdown.subscribe()));
     let key_watch = tokio::spawn(watch_signing_keys(state.tokens.clone(), shutdown.subscribe()));
+    let sweeper = tokio::spawn(expire_reservations(state.quotas.clone(), shutdown.subscribe()));
 
     let app = crate::app::router(state.clone());
     let handle = tokio::spawn(async move {
@@ -164,9 +165,25 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .context("serving HTTP")?;
         let _ = mailer_task.await;
         let _ = key_watch.await;
+        let _ = sweeper.await;
         Ok(())
     });
     Ok(Running { addr, state, shutdown, handle })
+}
+
+/// Gives back reservations nobody settled in time.
+async fn expire_reservations(quotas: Quotas, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+        match quotas.expire_reservations().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "reservations expired"),
+            Err(e) => tracing::warn!(error = %e, "could not expire reservations"),
+        }
+    }
 }
 
 /// Picks up `tollgate signing-keys rotate` without a restart.

@@ -18,8 +18,8 @@ use tollgate_core::identity::{
     EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
     TokenDigest, TokenEffect, TokenPurpose, User,
 };
-use tollgate_core::ids::{AccountId, EmailId, LeaseId, SessionId, UserId};
-use tollgate_core::metering::{LeaseDecision, LeaseRequest, UsageDecision, UsageRequest};
+use tollgate_core::ids::{AccountId, EmailId, LeaseId, ReservationId, SessionId, UserId};
+use tollgate_core::metering::{LeaseDecision, LeaseRequest, Reservation, UsageDecision, UsageRequest};
 use tollgate_core::plans::Catalog;
 use tollgate_core::store::{CatalogChanges, DailyUsage, EmailOutcome, NewOneTimeToken, Rotation};
 use tollgate_core::{Store, StoreError, Timestamp};
@@ -895,6 +895,14 @@ impl Store for PgStore {
 
     async fn consume_usage(&self, request: UsageRequest) -> Result<UsageDecision, StoreError> {
         usage::consume_usage(self, request).await
+    }
+
+    async fn reservation(&self, account: AccountId, id: ReservationId) -> Result<Option<Reservation>, StoreError> {
+        usage::reservation(self, account, id).await
+    }
+
+    async fn expired_reservations(&self, now: Timestamp, limit: u32) -> Result<Vec<Reservation>, StoreError> {
+        usage::expired_reservations(self, now, limit).await
     }
 
     async fn acquire_lease(&self, request: LeaseRequest) -> Result<LeaseDecision, StoreError> {

@@ -21,9 +21,10 @@ use tollgate_core::accounts::{
 };
 use tollgate_core::audit::AuditEvent;
 use tollgate_core::identity::TokenDigest;
-use tollgate_core::ids::{AccountId, LeaseId, ServiceKeyId, UsageEventId};
+use tollgate_core::ids::{AccountId, LeaseId, ReservationId, ServiceKeyId, UsageEventId};
 use tollgate_core::metering::{
-    self, EventContext, Idempotency, LeaseDecision, LeaseRequest, UsageDecision, UsageRequest, WindowState,
+    self, EventContext, Idempotency, LeaseDecision, LeaseRequest, Reservation, ReservationAction, ReservationStatus,
+    UsageDecision, UsageRequest, WindowCheck, WindowState,
 };
 use tollgate_core::plans::{Catalog, Meter, Plan};
 use tollgate_core::store::{CatalogChanges, DailyUsage};
@@ -509,6 +510,22 @@ pub(crate) async fn consume_usage(store: &PgStore, request: UsageRequest) -> Res
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
+    // A settle needs a pending reservation of this account. The row lock makes a
+    // concurrent settle of the same reservation (possibly through another meter's
+    // lock) wait, then re-read the row as committed and find it no longer pending.
+    // Returning rolls back on drop: nothing, not even the idempotency claim, is kept.
+    if let Some(ReservationAction::Settle { id, .. }) = &request.reservation {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM usage_reservations WHERE id = $1 AND account_id = $2 FOR UPDATE")
+                .bind(id.0)
+                .bind(request.account.0)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        if status.as_deref() != Some(ReservationStatus::Pending.as_str()) {
+            return Err(StoreError::NotFound);
+        }
+    }
     let used = window_usage(&mut tx, request.account, &request.meter, &keys).await?;
     let applied = metering::apply(request.op, &request.windows, &used, request.amount);
     let windows = request.windows.iter().zip(&applied.after).map(|(w, u)| WindowState::new(w, *u)).collect();
@@ -574,6 +591,36 @@ pub(crate) async fn consume_usage(store: &PgStore, request: UsageRequest) -> Res
     .map_err(db_error)?;
     if answered != i64::from(request.idempotency.is_some()) {
         return Err(StoreError::Internal("idempotency claim lost before its answer was stored".into()));
+    }
+    match &request.reservation {
+        Some(ReservationAction::Open { id, expires_at }) if applied.allowed => {
+            sqlx::query(
+                "INSERT INTO usage_reservations (id, account_id, meter, amount, windows, expires_at, status, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7)",
+            )
+            .bind(id.0)
+            .bind(request.account.0)
+            .bind(&request.meter)
+            .bind(request.amount)
+            .bind(Json(&request.windows))
+            .bind(*expires_at)
+            .bind(request.now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
+        Some(ReservationAction::Settle { id, status }) => {
+            sqlx::query(
+                "UPDATE usage_reservations SET status = $2, settled_at = $3 WHERE id = $1 AND status = 'pending'",
+            )
+            .bind(id.0)
+            .bind(status.as_str())
+            .bind(request.now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
+        _ => {}
     }
     tx.commit().await.map_err(db_error)?;
     Ok(decision)
@@ -692,6 +739,63 @@ pub(crate) async fn release_lease(
     let meter = meter.ok_or(StoreError::NotFound)?;
     lease_event(&mut tx, account, &meter, "released", None, now).await?;
     tx.commit().await.map_err(db_error)
+}
+
+macro_rules! reservation_columns {
+    () => {
+        "id, account_id, meter, amount, windows, expires_at, status"
+    };
+}
+
+fn reservation_row(row: &PgRow) -> Result<Reservation, StoreError> {
+    let status: String = get(row, "status")?;
+    let Json(windows) = get::<Json<Vec<WindowCheck>>>(row, "windows")?;
+    Ok(Reservation {
+        id: ReservationId(get::<Uuid>(row, "id")?),
+        account: AccountId(get::<Uuid>(row, "account_id")?),
+        meter: get(row, "meter")?,
+        amount: get(row, "amount")?,
+        windows,
+        expires_at: get(row, "expires_at")?,
+        status: ReservationStatus::parse(&status)
+            .ok_or_else(|| StoreError::Internal(format!("reservation status {status:?}")))?,
+    })
+}
+
+pub(crate) async fn reservation(
+    store: &PgStore,
+    account: AccountId,
+    id: ReservationId,
+) -> Result<Option<Reservation>, StoreError> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        reservation_columns!(),
+        " FROM usage_reservations WHERE id = $1 AND account_id = $2"
+    ))
+    .bind(id.0)
+    .bind(account.0)
+    .fetch_optional(&store.pool)
+    .await
+    .map_err(db_error)?;
+    row.as_ref().map(reservation_row).transpose()
+}
+
+pub(crate) async fn expired_reservations(
+    store: &PgStore,
+    now: Timestamp,
+    limit: u32,
+) -> Result<Vec<Reservation>, StoreError> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        reservation_columns!(),
+        " FROM usage_reservations WHERE status = 'pending' AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+    ))
+    .bind(now)
+    .bind(i64::from(limit))
+    .fetch_all(&store.pool)
+    .await
+    .map_err(db_error)?;
+    rows.iter().map(reservation_row).collect()
 }
 
 #[cfg(test)]

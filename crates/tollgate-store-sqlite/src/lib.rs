@@ -137,7 +137,7 @@ mod conformance {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let store = SqliteStore::connect(&url).await.unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4]);
+        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5]);
         assert!(store.migrate().await.unwrap().is_empty());
     }
 }

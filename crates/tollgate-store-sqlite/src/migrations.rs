@@ -18,6 +18,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "plans_accounts_usage", include_str!("../migrations/0002_plans_accounts_usage.sql")),
     (3, "usage_leases", include_str!("../migrations/0003_usage_leases.sql")),
     (4, "subscription_changes", include_str!("../migrations/0004_subscription_changes.sql")),
+    (5, "usage_reservations", include_str!("../migrations/0005_usage_reservations.sql")),
 ];
 
 #[derive(Debug)]

@@ -8,9 +8,10 @@ use tollgate_core::accounts::{
 };
 use tollgate_core::audit::AuditEvent;
 use tollgate_core::identity::TokenDigest;
-use tollgate_core::ids::{AccountId, LeaseId, ServiceKeyId, UsageEventId};
+use tollgate_core::ids::{AccountId, LeaseId, ReservationId, ServiceKeyId, UsageEventId};
 use tollgate_core::metering::{
-    self, EventContext, LeaseDecision, LeaseRequest, UsageDecision, UsageRequest, WindowState,
+    self, EventContext, LeaseDecision, LeaseRequest, Reservation, ReservationStatus, UsageDecision, UsageRequest,
+    WindowState,
 };
 use tollgate_core::plans::{Catalog, Meter, Plan};
 use tollgate_core::store::{CatalogChanges, DailyUsage};
@@ -515,4 +516,52 @@ pub(crate) async fn release_lease(
     let meter = meter.ok_or(StoreError::NotFound)?;
     lease_event(&mut tx, account, &meter, "released", None, now).await?;
     tx.commit().await.map_err(db_error)
+}
+
+fn reservation_row(row: &SqliteRow) -> Result<Reservation, StoreError> {
+    let status: String = row.try_get("status").map_err(db_error)?;
+    let windows: String = row.try_get("windows").map_err(db_error)?;
+    Ok(Reservation {
+        id: ReservationId(row.try_get::<Uuid, _>("id").map_err(db_error)?),
+        account: AccountId(row.try_get::<Uuid, _>("account_id").map_err(db_error)?),
+        meter: row.try_get("meter").map_err(db_error)?,
+        amount: row.try_get("amount").map_err(db_error)?,
+        windows: serde_json::from_str(&windows).map_err(json_err)?,
+        expires_at: from_micros(row.try_get("expires_at").map_err(db_error)?)?,
+        status: ReservationStatus::parse(&status)
+            .ok_or_else(|| StoreError::Internal(format!("reservation status {status:?}")))?,
+    })
+}
+
+pub(crate) async fn reservation(
+    store: &SqliteStore,
+    account: AccountId,
+    id: ReservationId,
+) -> Result<Option<Reservation>, StoreError> {
+    let row = sqlx::query(
+        "SELECT id, account_id, meter, amount, windows, expires_at, status FROM usage_reservations WHERE id = ?1 AND account_id = ?2",
+    )
+    .bind(id.0)
+    .bind(account.0)
+    .fetch_optional(&store.reader)
+    .await
+    .map_err(db_error)?;
+    row.as_ref().map(reservation_row).transpose()
+}
+
+pub(crate) async fn expired_reservations(
+    store: &SqliteStore,
+    now: Timestamp,
+    limit: u32,
+) -> Result<Vec<Reservation>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, account_id, meter, amount, windows, expires_at, status FROM usage_reservations \
+         WHERE status = 'pending' AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2",
+    )
+    .bind(micros(now))
+    .bind(i64::from(limit))
+    .fetch_all(&store.reader)
+    .await
+    .map_err(db_error)?;
+    rows.iter().map(reservation_row).collect()
 }

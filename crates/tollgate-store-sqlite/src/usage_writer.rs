@@ -15,8 +15,8 @@ use std::collections::{HashMap, HashSet};
 use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool};
 use sqlx::{Connection, QueryBuilder};
 use tokio::sync::{mpsc, oneshot};
-use tollgate_core::ids::{AccountId, UsageEventId};
-use tollgate_core::metering::{self, UsageDecision, UsageRequest, WindowState};
+use tollgate_core::ids::{AccountId, ReservationId, UsageEventId};
+use tollgate_core::metering::{self, ReservationAction, ReservationStatus, UsageDecision, UsageRequest, WindowState};
 use tollgate_core::{StoreError, Timestamp};
 
 use crate::db_error;
@@ -67,6 +67,10 @@ struct Pending {
     answers: Vec<(String, String, String, String)>,
     /// Idempotency keys answered earlier in this batch: (scope, key) → (hash, answer).
     answered: HashMap<(String, String), (String, UsageDecision)>,
+    /// Reservations opened in this batch.
+    opened: Vec<(ReservationId, AccountId, String, i64, String, i64, i64)>,
+    /// Reservations settled in this batch, with their new status.
+    settled: Vec<(ReservationId, ReservationStatus, i64)>,
 }
 
 struct Event {
@@ -187,6 +191,19 @@ async fn decide(
             return Ok(Ok(decision));
         }
     }
+    if let Some(ReservationAction::Settle { id, .. }) = &request.reservation {
+        let settled_here = pending.settled.iter().any(|(settled, _, _)| settled == id);
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM usage_reservations WHERE id = ?1 AND account_id = ?2")
+                .bind(id.0)
+                .bind(request.account.0)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db_error)?;
+        if settled_here || status.as_deref() != Some("pending") {
+            return Ok(Err(StoreError::NotFound));
+        }
+    }
     let mut used = Vec::with_capacity(request.windows.len());
     for window in &request.windows {
         let mut sum = 0i64;
@@ -212,6 +229,22 @@ async fn decide(
         *value = value.saturating_add(delta);
         let pending_delta = pending.counters.entry(key).or_insert(0);
         *pending_delta = pending_delta.saturating_add(delta);
+    }
+    match &request.reservation {
+        Some(ReservationAction::Open { id, expires_at }) if applied.allowed => {
+            let windows = serde_json::to_string(&request.windows).map_err(|e| StoreError::Internal(e.to_string()))?;
+            pending.opened.push((
+                *id,
+                request.account,
+                request.meter.clone(),
+                request.amount,
+                windows,
+                micros(*expires_at),
+                micros(request.now),
+            ));
+        }
+        Some(ReservationAction::Settle { id, status }) => pending.settled.push((*id, *status, micros(request.now))),
+        _ => {}
     }
     let windows = request.windows.iter().zip(&applied.after).map(|(w, u)| WindowState::new(w, *u)).collect();
     let decision = UsageDecision { allowed: applied.allowed, windows, denied_by: applied.denied_by, replayed: false };
@@ -314,6 +347,31 @@ async fn flush(conn: &mut SqliteConnection, pending: &Pending) -> Result<(), Sto
              denied = denied + excluded.denied",
         );
         sql.build().execute(&mut *conn).await.map_err(db_error)?;
+    }
+    for (id, account, meter, amount, windows, expires_at, created_at) in &pending.opened {
+        sqlx::query(
+            "INSERT INTO usage_reservations (id, account_id, meter, amount, windows, expires_at, status, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7)",
+        )
+        .bind(id.0)
+        .bind(account.0)
+        .bind(meter)
+        .bind(amount)
+        .bind(windows)
+        .bind(expires_at)
+        .bind(created_at)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    }
+    for (id, status, at) in &pending.settled {
+        sqlx::query("UPDATE usage_reservations SET status = ?2, settled_at = ?3 WHERE id = ?1 AND status = 'pending'")
+            .bind(id.0)
+            .bind(status.as_str())
+            .bind(at)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?;
     }
     for chunk in pending.answers.chunks(CHUNK) {
         let now = micros(time::OffsetDateTime::now_utc());

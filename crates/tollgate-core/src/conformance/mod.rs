@@ -9,7 +9,8 @@ pub use usage::{
     catalog_apply_is_idempotent_and_archives_plans_in_use, consume_counts_all_windows_or_none,
     consume_for_an_unknown_account_is_not_found, consume_is_exact_under_concurrency, external_accounts_are_idempotent,
     idempotent_consume_replays_and_conflicts, leases_hold_slots_until_released_or_expired, refunds_and_gauge_levels,
-    service_keys_are_found_by_digest, subscriptions_are_one_per_account,
+    reservations_are_exact_under_concurrency, reservations_count_until_settled, service_keys_are_found_by_digest,
+    subscriptions_are_one_per_account,
 };
 
 use std::sync::Arc;
@@ -51,7 +52,8 @@ macro_rules! conformance_tests {
             subscriptions_are_one_per_account, service_keys_are_found_by_digest, consume_counts_all_windows_or_none,
             consume_is_exact_under_concurrency, idempotent_consume_replays_and_conflicts,
             consume_for_an_unknown_account_is_not_found, refunds_and_gauge_levels,
-            leases_hold_slots_until_released_or_expired,
+            leases_hold_slots_until_released_or_expired, reservations_count_until_settled,
+            reservations_are_exact_under_concurrency,
         );
     };
     (@expand $make:expr; $($name:ident),+ $(,)?) => {

@@ -8,9 +8,11 @@ use super::{audit, new_user, t0};
 use crate::Timestamp;
 use crate::accounts::{NewExternalAccount, Scope, ServiceKey, Subscription, SubscriptionStatus};
 use crate::identity::SecretToken;
-use crate::ids::{AccountId, LeaseId, ServiceKeyId};
+use crate::ids::{AccountId, LeaseId, ReservationId, ServiceKeyId};
 use crate::metering::window::Window;
-use crate::metering::{EventContext, Idempotency, LeaseRequest, UsageOp, UsageRequest, WindowCheck};
+use crate::metering::{
+    EventContext, Idempotency, LeaseRequest, ReservationAction, ReservationStatus, UsageOp, UsageRequest, WindowCheck,
+};
 use crate::plans::{Allowance, Catalog, Meter, MeterKind, Plan, WindowLimit};
 use crate::store::{Store, StoreError};
 
@@ -64,6 +66,7 @@ fn consume(now: Timestamp, account: AccountId, amount: i64, windows: Vec<WindowC
         idempotency: None,
         context: EventContext { endpoint: Some("/chat".into()), metadata: None, ip: Some("10.0.0.1".into()) },
         now,
+        reservation: None,
     }
 }
 
@@ -387,4 +390,100 @@ pub async fn leases_hold_slots_until_released_or_expired(store: Arc<dyn Store>) 
     assert!(store.acquire_lease(lease(account, None, later, Duration::hours(1))).await.unwrap().allowed, "unlimited");
     let unknown = store.acquire_lease(lease(AccountId::new(), Some(1), now, Duration::hours(1))).await;
     assert!(matches!(unknown, Err(StoreError::NotFound)));
+}
+
+fn reserve(now: Timestamp, account: AccountId, amount: i64, ttl: Duration) -> (ReservationId, UsageRequest) {
+    let id = ReservationId::new();
+    let mut r = consume(now, account, amount, vec![window(Window::Day, "d:1", Some(10))]);
+    r.reservation = Some(ReservationAction::Open { id, expires_at: now + ttl });
+    (id, r)
+}
+
+fn settle(
+    now: Timestamp,
+    account: AccountId,
+    id: ReservationId,
+    give_back: i64,
+    status: ReservationStatus,
+) -> UsageRequest {
+    let mut r = consume(now, account, give_back, vec![window(Window::Day, "d:1", Some(10))]);
+    r.op = UsageOp::Refund;
+    r.reservation = Some(ReservationAction::Settle { id, status });
+    r
+}
+
+pub async fn reservations_count_until_settled(store: Arc<dyn Store>) {
+    let now = t0();
+    let account = external(&store, "cus_1").await;
+    let used = |store: Arc<dyn Store>| async move {
+        store.counter_values(account, "messages", &[vec!["d:1".into()]]).await.unwrap()[0]
+    };
+    let (id, r) = reserve(now, account, 6, Duration::minutes(5));
+    assert!(store.consume_usage(r).await.unwrap().allowed);
+    assert_eq!(used(store.clone()).await, 6);
+    let stored = store.reservation(account, id).await.unwrap().unwrap();
+    assert_eq!((stored.amount, stored.status, stored.meter.as_str()), (6, ReservationStatus::Pending, "messages"));
+    assert_eq!(stored.windows[0].increment_key, "d:1");
+    // A denied reserve opens nothing.
+    let (denied, r) = reserve(now, account, 5, Duration::minutes(5));
+    assert!(!store.consume_usage(r).await.unwrap().allowed);
+    assert!(store.reservation(account, denied).await.unwrap().is_none());
+    // Commit 4 of the 6: 2 come back; settling twice is refused.
+    let d = store.consume_usage(settle(now, account, id, 2, ReservationStatus::Committed)).await.unwrap();
+    assert_eq!(d.windows[0].used, 4);
+    assert_eq!(store.reservation(account, id).await.unwrap().unwrap().status, ReservationStatus::Committed);
+    let again = store.consume_usage(settle(now, account, id, 2, ReservationStatus::Released)).await;
+    assert!(matches!(again, Err(StoreError::NotFound)), "{again:?}");
+    assert_eq!(used(store.clone()).await, 4);
+    // Another account cannot settle it.
+    let other = external(&store, "cus_2").await;
+    let (theirs, r) = reserve(now, other, 1, Duration::minutes(5));
+    store.consume_usage(r).await.unwrap();
+    assert!(matches!(
+        store.consume_usage(settle(now, account, theirs, 1, ReservationStatus::Released)).await,
+        Err(StoreError::NotFound)
+    ));
+    // Expired reservations are listed for the sweeper.
+    let (late, r) = reserve(now, account, 3, Duration::seconds(1));
+    store.consume_usage(r).await.unwrap();
+    assert_eq!(used(store.clone()).await, 7);
+    let later = now + Duration::seconds(2);
+    let expired = store.expired_reservations(later, 10).await.unwrap();
+    assert_eq!(expired.iter().map(|r| r.id).collect::<Vec<_>>(), vec![late]);
+    store.consume_usage(settle(later, account, late, 3, ReservationStatus::Expired)).await.unwrap();
+    assert_eq!(used(store.clone()).await, 4);
+    assert!(store.expired_reservations(later, 10).await.unwrap().is_empty());
+}
+
+pub async fn reservations_are_exact_under_concurrency(store: Arc<dyn Store>) {
+    let now = t0();
+    let account = external(&store, "cus_hot").await;
+    let mut tasks = Vec::new();
+    for task in 0..16 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut committed = 0i64;
+            for i in 0..20 {
+                let (id, r) = reserve(now, account, 1, Duration::minutes(5));
+                if !store.consume_usage(r).await.unwrap().allowed {
+                    continue;
+                }
+                // Half the work succeeds, half fails.
+                if (task + i) % 2 == 0 {
+                    store.consume_usage(settle(now, account, id, 0, ReservationStatus::Committed)).await.unwrap();
+                    committed += 1;
+                } else {
+                    store.consume_usage(settle(now, account, id, 1, ReservationStatus::Released)).await.unwrap();
+                }
+            }
+            committed
+        }));
+    }
+    let mut committed = 0;
+    for t in tasks {
+        committed += t.await.unwrap();
+    }
+    let used = store.counter_values(account, "messages", &[vec!["d:1".into()]]).await.unwrap()[0];
+    assert_eq!(used, committed, "the counter holds exactly the committed work");
+    assert!(used <= 10, "never past the limit");
 }

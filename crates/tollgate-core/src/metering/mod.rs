@@ -10,7 +10,7 @@ pub mod window;
 use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
-use crate::ids::{AccountId, LeaseId};
+use crate::ids::{AccountId, LeaseId, ReservationId};
 use crate::plans::{Allowance, Catalog, WindowLimit};
 use window::Window;
 
@@ -84,6 +84,49 @@ pub enum UsageOp {
     Set,
 }
 
+/// How a reservation ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReservationStatus {
+    Pending,
+    /// The work succeeded: the (final) amount stays counted.
+    Committed,
+    /// The work failed: everything is given back.
+    Released,
+    /// Neither happened in time: everything is given back.
+    Expired,
+}
+
+crate::identity::str_enum!(ReservationStatus {
+    Pending => "pending",
+    Committed => "committed",
+    Released => "released",
+    Expired => "expired",
+});
+
+/// A reservation as stored: the windows it counted in, so that settling gives back to
+/// the same window instances even after they rolled over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: ReservationId,
+    pub account: AccountId,
+    pub meter: String,
+    pub amount: i64,
+    pub windows: Vec<WindowCheck>,
+    pub expires_at: Timestamp,
+    pub status: ReservationStatus,
+}
+
+/// What a usage request does to a reservation, in the same transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReservationAction {
+    /// With a consume: when allowed, record a pending reservation of the amount.
+    Open { id: ReservationId, expires_at: Timestamp },
+    /// With a refund (of what is given back, possibly zero): end this pending
+    /// reservation of the account with `status`; `NotFound` unless it is pending.
+    Settle { id: ReservationId, status: ReservationStatus },
+}
+
 /// A consume (or a dry-run check) of a counter meter.
 #[derive(Clone, Debug)]
 pub struct UsageRequest {
@@ -97,6 +140,7 @@ pub struct UsageRequest {
     pub idempotency: Option<Idempotency>,
     pub context: EventContext,
     pub now: Timestamp,
+    pub reservation: Option<ReservationAction>,
 }
 
 /// A request for a slot of a concurrency meter.

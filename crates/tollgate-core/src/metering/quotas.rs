@@ -7,12 +7,12 @@ use serde::Serialize;
 
 use super::window::Window;
 use super::{
-    EventContext, Idempotency, LeaseDecision, LeaseRequest, UsageDecision, UsageOp, UsageRequest, WindowCheck,
-    WindowState, counter_checks, plans_that_allow,
+    EventContext, Idempotency, LeaseDecision, LeaseRequest, ReservationAction, ReservationStatus, UsageDecision,
+    UsageOp, UsageRequest, WindowCheck, WindowState, counter_checks, plans_that_allow,
 };
 use crate::accounts::Account;
 use crate::entitlements::{billing_anchor, effective_plan};
-use crate::ids::{AccountId, LeaseId};
+use crate::ids::{AccountId, LeaseId, ReservationId};
 use crate::plans::{Allowance, Catalog, Meter, MeterKind};
 use crate::store::{Store, StoreError};
 
@@ -28,6 +28,10 @@ pub enum QuotaError {
     AccountNotFound,
     #[error("no live lease with this id for this account")]
     LeaseNotFound,
+    #[error("no pending reservation with this id for this account")]
+    ReservationNotFound,
+    #[error("the final amount exceeds the reservation")]
+    CommitExceedsReservation,
     #[error("idempotency key already used for another request")]
     IdempotencyKeyReused,
     #[error(transparent)]
@@ -50,6 +54,8 @@ pub struct ConsumeInput {
     pub account: AccountId,
     pub meter: String,
     pub op: super::UsageOp,
+    /// A reservation to open with this consume (`/v1/usage/reserve`).
+    pub reservation: Option<ReservationAction>,
     pub amount: i64,
     pub dry_run: bool,
     pub idempotency: Option<Idempotency>,
@@ -171,6 +177,7 @@ impl Quotas {
             idempotency: input.idempotency,
             context: input.context,
             now,
+            reservation: input.reservation,
         };
         let decision = self.store.consume_usage(request).await?;
         let upgrade_plans = if decision.allowed {
@@ -233,6 +240,65 @@ impl Quotas {
             )
         };
         Ok((decision, plan.key.clone(), upgrade_plans))
+    }
+
+    /// Ends a pending reservation: `Committed` keeps `final_amount` (default: all) and
+    /// gives the rest back; `Released` and `Expired` give everything back — to the
+    /// window instances the reservation counted in.
+    pub async fn settle(
+        &self,
+        account: AccountId,
+        id: ReservationId,
+        status: ReservationStatus,
+        final_amount: Option<i64>,
+    ) -> Result<UsageDecision, QuotaError> {
+        let reservation = self
+            .store
+            .reservation(account, id)
+            .await?
+            .filter(|r| r.status == ReservationStatus::Pending)
+            .ok_or(QuotaError::ReservationNotFound)?;
+        let keep = match status {
+            ReservationStatus::Committed => final_amount.unwrap_or(reservation.amount),
+            _ => 0,
+        };
+        if keep < 0 || keep > reservation.amount {
+            return Err(QuotaError::CommitExceedsReservation);
+        }
+        let request = UsageRequest {
+            account,
+            meter: reservation.meter,
+            op: UsageOp::Refund,
+            amount: reservation.amount - keep,
+            windows: reservation.windows,
+            dry_run: false,
+            idempotency: None,
+            context: EventContext::default(),
+            now: time::OffsetDateTime::now_utc(),
+            reservation: Some(ReservationAction::Settle { id, status }),
+        };
+        self.store.consume_usage(request).await.map_err(|e| match e {
+            StoreError::NotFound => QuotaError::ReservationNotFound,
+            other => other.into(),
+        })
+    }
+
+    /// Gives back every reservation whose time ran out; returns how many. Called
+    /// periodically by the server.
+    pub async fn expire_reservations(&self) -> Result<usize, QuotaError> {
+        let mut expired = 0;
+        loop {
+            let batch = self.store.expired_reservations(time::OffsetDateTime::now_utc(), 100).await?;
+            if batch.is_empty() {
+                return Ok(expired);
+            }
+            for r in batch {
+                match self.settle(r.account, r.id, ReservationStatus::Expired, None).await {
+                    Ok(_) | Err(QuotaError::ReservationNotFound) => expired += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
     }
 
     /// Releases a lease held by `account`.

@@ -60,6 +60,12 @@ pub struct UsageAnswer {
     pub upgrade_plans: Vec<String>,
     /// This answer repeats the first answer to the same `Idempotency-Key`.
     pub replayed: bool,
+    /// `/v1/usage/reserve` only: settle it with `/v1/usage/reservations/{id}/commit`
+    /// or `/release` before `expires_at`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reservation_id: Option<uuid::Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<time::OffsetDateTime>,
 }
 
 fn validate(body: &UsageBody, zero_ok: bool) -> Result<(), ApiError> {
@@ -103,7 +109,13 @@ fn idempotency(
     Ok(Some(Idempotency { scope: format!("svc:{}:{route}", service.0.id), key: key.to_owned(), request_hash: hash }))
 }
 
-fn answer(outcome: ConsumeOutcome, account_id: uuid::Uuid, meter: String, amount: i64) -> Response {
+fn answer(
+    outcome: ConsumeOutcome,
+    account_id: uuid::Uuid,
+    meter: String,
+    amount: i64,
+    reservation: Option<(uuid::Uuid, time::OffsetDateTime)>,
+) -> Response {
     let decision = outcome.decision;
     let warning = decision.windows.iter().any(|w| w.warning);
     // The tightest limited window drives the quota headers.
@@ -120,6 +132,8 @@ fn answer(outcome: ConsumeOutcome, account_id: uuid::Uuid, meter: String, amount
         warning,
         upgrade_plans: outcome.upgrade_plans.clone(),
         replayed: decision.replayed,
+        reservation_id: reservation.filter(|_| decision.allowed).map(|(id, _)| id),
+        expires_at: reservation.filter(|_| decision.allowed).map(|(_, at)| at),
     };
     let mut response = if decision.allowed {
         (StatusCode::OK, Json(body)).into_response()
@@ -206,13 +220,14 @@ async fn run(
         account: account.id,
         meter: body.meter.clone(),
         op,
+        reservation: None,
         amount: body.amount,
         dry_run,
         idempotency,
         context: EventContext { endpoint: body.endpoint.clone(), metadata: body.metadata.clone(), ip: origin.ip },
     };
     let outcome = state.quotas.consume(&state.catalog.get(), input).await?;
-    Ok(answer(outcome, account.id.0, body.meter, body.amount))
+    Ok(answer(outcome, account.id.0, body.meter, body.amount, None))
 }
 
 /// Would `amount` fit in every window? Counts nothing.
@@ -411,4 +426,123 @@ pub async fn release(
     let account = resolve_account(&state, &body.account).await?;
     state.quotas.release(account.id, tollgate_core::ids::LeaseId(id)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveBody {
+    /// Account id, or `ext:<your customer id>`.
+    pub account: String,
+    pub meter: String,
+    #[serde(default = "one")]
+    pub amount: i64,
+    /// Settle within this many seconds or the usage is given back (default 300).
+    pub ttl_seconds: Option<u64>,
+    pub endpoint: Option<String>,
+}
+
+/// Counts `amount` now and holds it as a reservation: commit it when the work
+/// succeeded (optionally with the final amount), release it when it failed; if
+/// neither happens within `ttl_seconds` it is given back by itself.
+#[utoipa::path(post, path = "/v1/usage/reserve", tag = "usage", security(("bearer" = [])), request_body = ReserveBody,
+    responses(
+        (status = 200, description = "Reserved, with `reservation_id` and `expires_at`", body = UsageAnswer),
+        (status = 402, description = "`quota_exceeded`", body = ErrorResponse),
+        (status = 404, description = "No such account", body = ErrorResponse),
+        (status = 422, description = "Invalid body or not a counter", body = ErrorResponse),
+    ))]
+pub async fn reserve(
+    State(state): State<AppState>,
+    service: Service,
+    Origin(origin): Origin,
+    ApiJson(body): ApiJson<ReserveBody>,
+) -> ApiResult<Response> {
+    service.require(Scope::UsageWrite)?;
+    let as_usage = UsageBody {
+        account: body.account.clone(),
+        meter: body.meter.clone(),
+        amount: body.amount,
+        endpoint: body.endpoint.clone(),
+        metadata: None,
+    };
+    validate(&as_usage, false)?;
+    let ttl = body.ttl_seconds.unwrap_or(300).clamp(1, 7 * 24 * 3600);
+    let account = resolve_account(&state, &body.account).await?;
+    let id = tollgate_core::ids::ReservationId::new();
+    let expires_at = time::OffsetDateTime::now_utc() + time::Duration::seconds(ttl as i64);
+    let input = ConsumeInput {
+        account: account.id,
+        meter: body.meter.clone(),
+        op: UsageOp::Consume,
+        reservation: Some(tollgate_core::metering::ReservationAction::Open { id, expires_at }),
+        amount: body.amount,
+        dry_run: false,
+        idempotency: None,
+        context: EventContext { endpoint: body.endpoint.clone(), metadata: None, ip: origin.ip },
+    };
+    let catalog = state.catalog.get();
+    if catalog.meters.get(&body.meter).is_some_and(|m| m.kind != tollgate_core::plans::MeterKind::Counter) {
+        return Err(ApiError::UnsupportedMeter("only counters can be reserved".into()));
+    }
+    let outcome = state.quotas.consume(&catalog, input).await?;
+    Ok(answer(outcome, account.id.0, body.meter, body.amount, Some((id.0, expires_at))))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SettleBody {
+    /// The account that holds the reservation (id or `ext:<id>`).
+    pub account: String,
+    /// Commit only: what the work really used (default: everything reserved).
+    pub amount: Option<i64>,
+}
+
+async fn settle(
+    state: AppState,
+    service: Service,
+    id: uuid::Uuid,
+    body: SettleBody,
+    status: tollgate_core::metering::ReservationStatus,
+) -> ApiResult<Json<serde_json::Value>> {
+    service.require(Scope::UsageWrite)?;
+    let account = resolve_account(&state, &body.account).await?;
+    let decision = state.quotas.settle(account.id, tollgate_core::ids::ReservationId(id), status, body.amount).await?;
+    Ok(Json(serde_json::json!({ "status": status.as_str(), "windows": decision.windows })))
+}
+
+/// The work succeeded: keep the reserved amount (or the final `amount`, giving the
+/// rest back).
+#[utoipa::path(post, path = "/v1/usage/reservations/{id}/commit", tag = "usage", security(("bearer" = [])),
+    params(("id" = uuid::Uuid, Path, description = "Reservation id")), request_body = SettleBody,
+    responses(
+        (status = 200, description = "Committed; the windows after", body = Object),
+        (status = 404, description = "No pending reservation with this id for this account", body = ErrorResponse),
+        (status = 422, description = "`amount` above what was reserved", body = ErrorResponse),
+    ))]
+pub async fn commit(
+    State(state): State<AppState>,
+    service: Service,
+    axum::extract::Path(id): axum::extract::Path<uuid::Uuid>,
+    ApiJson(body): ApiJson<SettleBody>,
+) -> ApiResult<Json<serde_json::Value>> {
+    settle(state, service, id, body, tollgate_core::metering::ReservationStatus::Committed).await
+}
+
+/// The work failed: give everything reserved back.
+#[utoipa::path(post, path = "/v1/usage/reservations/{id}/release", tag = "usage", security(("bearer" = [])),
+    params(("id" = uuid::Uuid, Path, description = "Reservation id")), request_body = SettleBody,
+    responses(
+        (status = 200, description = "Released; the windows after", body = Object),
+        (status = 404, description = "No pending reservation with this id for this account", body = ErrorResponse),
+    ))]
+pub async fn release_reservation(
+    State(state): State<AppState>,
+    service: Service,
+    axum::extract::Path(id): axum::extract::Path<uuid::Uuid>,
+    ApiJson(body): ApiJson<SettleBody>,
+) -> ApiResult<Json<serde_json::Value>> {
+    if body.amount.is_some() {
+        return Err(ApiError::Validation(vec![field("amount", "not_allowed", "a release gives everything back")]));
+    }
+    settle(state, service, id, body, tollgate_core::metering::ReservationStatus::Released).await
 }

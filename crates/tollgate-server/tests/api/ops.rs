@@ -72,6 +72,9 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/v1/usage/add", "post"),
         ("/v1/usage/acquire", "post"),
         ("/v1/usage/leases/{id}/release", "post"),
+        ("/v1/usage/reserve", "post"),
+        ("/v1/usage/reservations/{id}/commit", "post"),
+        ("/v1/usage/reservations/{id}/release", "post"),
         ("/v1/ratelimit/check", "post"),
     ];
     let mut documented = 0;

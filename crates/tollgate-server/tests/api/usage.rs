@@ -337,3 +337,47 @@ async fn monte_carlo_concurrent_simulations_are_leases() {
     assert_eq!(acquire().await.body["held"], 4, "the expired lease no longer counts");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn reservations_count_only_work_that_succeeded() {
+    // Seed 004's middleware: reserve before the call, commit on 2xx, release otherwise.
+    let (app, key) = app_with("medical-imaging.toml").await;
+    customer(&app, &key, "clinic", None).await;
+    let reserve = |ttl: u64| {
+        app.post_auth(
+            "/v1/usage/reserve",
+            &key,
+            json!({ "account": "ext:clinic", "meter": "api_calls_l3_detect", "amount": 2, "ttl_seconds": ttl }),
+        )
+    };
+    let settle = |id: String, action: &'static str, body: serde_json::Value| {
+        let app = &app;
+        let key = key.clone();
+        async move { app.post_auth(&format!("/v1/usage/reservations/{id}/{action}"), &key, body).await }
+    };
+    let r = reserve(60).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["windows"][0]["used"], 2, "counted while the work runs");
+    let ok = r.body["reservation_id"].as_str().unwrap().to_owned();
+    let r = settle(ok.clone(), "commit", json!({ "account": "ext:clinic", "amount": 3 })).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"), "more than reserved");
+    let r = settle(ok.clone(), "commit", json!({ "account": "ext:clinic", "amount": 1 })).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["windows"][0]["used"], 1, "the unused part came back");
+    assert_eq!(
+        settle(ok, "release", json!({ "account": "ext:clinic" })).await.status,
+        StatusCode::NOT_FOUND,
+        "settled once"
+    );
+    let failed = reserve(60).await.body["reservation_id"].as_str().unwrap().to_owned();
+    let r = settle(failed, "release", json!({ "account": "ext:clinic" })).await;
+    assert_eq!(r.body["windows"][0]["used"], 1, "a failed call costs nothing");
+    // Forgotten reservations come back by themselves.
+    reserve(1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let r = app.get_auth("/v1/accounts/ext:clinic/entitlements", &key).await;
+    let meter =
+        r.body["meters"].as_array().unwrap().iter().find(|m| m["meter"] == "api_calls_l3_detect").unwrap().clone();
+    assert_eq!(meter["windows"][0]["used"], 1, "the expired reservation was given back");
+    app.stop().await;
+}
