@@ -560,7 +560,7 @@ pub async fn token_requires_existing_user(store: Arc<dyn Store>) {
         now,
     );
     let r = store.issue_token(NewOneTimeToken { token: tok, email: Some(email) }).await;
-    assert!(r.is_err(), "a token must belong to an existing user");
+    assert!(matches!(r, Err(StoreError::NotFound)), "a token must belong to an existing user: {r:?}");
     assert!(store.peek_token(&secret.digest(), TokenPurpose::MagicLink, now).await.unwrap().is_none());
     assert_eq!(store.pending_email_count().await.unwrap(), 0, "nothing half-written");
 }

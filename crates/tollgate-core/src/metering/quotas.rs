@@ -48,10 +48,10 @@ impl From<StoreError> for QuotaError {
     }
 }
 
-/// A check or consume as asked.
+/// A check or consume as asked, for an account the caller has already loaded (which
+/// is how `Quotas` knows it exists without reading it again).
 #[derive(Clone, Debug)]
 pub struct ConsumeInput {
-    pub account: AccountId,
     pub meter: String,
     pub op: super::UsageOp,
     /// A reservation to open with this consume (`/v1/usage/reserve`).
@@ -136,17 +136,18 @@ impl Quotas {
 
     /// Checks (dry run) or consumes `amount` of a meter, atomically across all its
     /// windows. Counters count; caps and flags only decide.
-    pub async fn consume(&self, catalog: &Catalog, input: ConsumeInput) -> Result<ConsumeOutcome, QuotaError> {
+    pub async fn consume(
+        &self,
+        catalog: &Catalog,
+        account: &Account,
+        input: ConsumeInput,
+    ) -> Result<ConsumeOutcome, QuotaError> {
         // A gauge may be set to zero; everything else moves by a positive amount.
         if input.amount < 0 || input.amount > super::MAX_AMOUNT || (input.amount == 0 && input.op != UsageOp::Set) {
             return Err(QuotaError::InvalidAmount);
         }
         let meter = catalog.meters.get(&input.meter).ok_or_else(|| QuotaError::UnknownMeter(input.meter.clone()))?;
-        if input.dry_run && self.store.account_by_id(input.account).await?.is_none() {
-            // A consume learns this from the store's foreign key; a check reads only.
-            return Err(QuotaError::AccountNotFound);
-        }
-        let subscription = self.store.subscription(input.account).await?;
+        let subscription = self.store.subscription(account.id).await?;
         let now = time::OffsetDateTime::now_utc();
         let plan = effective_plan(catalog, subscription.as_ref(), now);
         let allowance = plan.allowances.get(&input.meter);
@@ -168,7 +169,7 @@ impl Quotas {
         };
         let amount = input.amount;
         let request = UsageRequest {
-            account: input.account,
+            account: account.id,
             meter: input.meter.clone(),
             op: input.op,
             amount,
@@ -318,9 +319,6 @@ impl Quotas {
         allowance: Option<&Allowance>,
         input: &ConsumeInput,
     ) -> Result<ConsumeOutcome, QuotaError> {
-        if self.store.account_by_id(input.account).await?.is_none() {
-            return Err(QuotaError::AccountNotFound);
-        }
         let amount = input.amount;
         let fits = |a: &Allowance| match a {
             Allowance::Cap { max } => max.is_none_or(|m| amount <= m),

@@ -217,7 +217,6 @@ async fn run(
     validate(&body, op == UsageOp::Set)?;
     let account = resolve_account(&state, &body.account).await?;
     let input = ConsumeInput {
-        account: account.id,
         meter: body.meter.clone(),
         op,
         reservation: None,
@@ -226,7 +225,7 @@ async fn run(
         idempotency,
         context: EventContext { endpoint: body.endpoint.clone(), metadata: body.metadata.clone(), ip: origin.ip },
     };
-    let outcome = state.quotas.consume(&state.catalog.get(), input).await?;
+    let outcome = state.quotas.consume(&state.catalog.get(), &account, input).await?;
     Ok(answer(outcome, account.id.0, body.meter, body.amount, None))
 }
 
@@ -471,7 +470,6 @@ pub async fn reserve(
     let id = tollgate_core::ids::ReservationId::new();
     let expires_at = time::OffsetDateTime::now_utc() + time::Duration::seconds(ttl as i64);
     let input = ConsumeInput {
-        account: account.id,
         meter: body.meter.clone(),
         op: UsageOp::Consume,
         reservation: Some(tollgate_core::metering::ReservationAction::Open { id, expires_at }),
@@ -484,7 +482,7 @@ pub async fn reserve(
     if catalog.meters.get(&body.meter).is_some_and(|m| m.kind != tollgate_core::plans::MeterKind::Counter) {
         return Err(ApiError::UnsupportedMeter("only counters can be reserved".into()));
     }
-    let outcome = state.quotas.consume(&catalog, input).await?;
+    let outcome = state.quotas.consume(&catalog, &account, input).await?;
     Ok(answer(outcome, account.id.0, body.meter, body.amount, Some((id.0, expires_at))))
 }
 
