@@ -10,6 +10,7 @@ pub mod error;
 pub mod extract;
 pub mod mailer;
 pub mod metrics;
+pub mod observe;
 pub mod rate_limit;
 pub mod routes;
 pub mod server;

@@ -11,6 +11,12 @@ use tollgate_server::config::{Config, LogFormat};
 use tollgate_server::server;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc malloc: the request path allocates small short-lived
+/// buffers, and glibc's allocator took about a sixth of the CPU of a consume in a
+/// profile (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "Accounts, plans, quotas, credits and billing for any SaaS product")]
 struct Cli {

@@ -1,13 +1,11 @@
 //! Prometheus metrics: a request counter and a latency histogram per route (the
 //! matched route pattern, never the raw path, so ids do not explode cardinality).
 
-use std::sync::OnceLock;
-use std::time::Instant;
-
-use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::http::Method;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::collections::HashMap;
+use std::sync::{LazyLock, OnceLock, RwLock};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -31,15 +29,27 @@ pub fn render() -> String {
     install().render()
 }
 
-pub async fn track(request: Request, next: Next) -> Response {
-    let route =
-        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().to_string();
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    let labels = [("method", method), ("route", route), ("status", status)];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
-    response
+/// The counter and histogram of one (route, method, status), looked up once: building
+/// a labelled key and finding it in the registry on every request cost more than the
+/// rest of this layer together.
+type Handles = (Method, u16, Counter, Histogram);
+
+static HANDLES: LazyLock<RwLock<HashMap<String, Vec<Handles>>>> = LazyLock::new(Default::default);
+
+pub fn handles(route: &str, method: &Method, status: u16) -> (Counter, Histogram) {
+    let find = |entries: &[Handles]| {
+        entries.iter().find(|(m, s, _, _)| m == method && *s == status).map(|(_, _, c, h)| (c.clone(), h.clone()))
+    };
+    if let Some(found) = HANDLES.read().unwrap_or_else(|e| e.into_inner()).get(route).and_then(|e| find(e)) {
+        return found;
+    }
+    let labels = [("method", method.as_str().to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
+    let counter = metrics::counter!("http_requests_total", &labels);
+    let histogram = metrics::histogram!("http_request_duration_seconds", &labels);
+    let mut map = HANDLES.write().unwrap_or_else(|e| e.into_inner());
+    let entries = map.entry(route.to_owned()).or_default();
+    if find(entries).is_none() {
+        entries.push((method.clone(), status, counter.clone(), histogram.clone()));
+    }
+    (counter, histogram)
 }

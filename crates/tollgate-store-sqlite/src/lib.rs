@@ -5,6 +5,7 @@
 //! `SQLITE_BUSY` lock upgrades (the classic "database is locked"). WAL lets readers
 //! run alongside the writer.
 
+mod checkpointer;
 mod migrations;
 mod read_cache;
 mod rows;
@@ -29,6 +30,8 @@ pub struct SqliteStore {
     usage: usage_writer::UsageWriter,
     /// Accounts and subscriptions the hot path reads (see `read_cache`).
     cache: std::sync::Arc<read_cache::ReadCache>,
+    /// The checkpointer stops when the last clone of the store is dropped.
+    _alive: std::sync::Arc<()>,
 }
 
 impl SqliteStore {
@@ -50,20 +53,27 @@ impl SqliteStore {
             // only an OS crash or power loss can lose the last transactions.
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // A WAL file left large by a burst is cut back after checkpoints.
+            .pragma("journal_size_limit", (64 * 1024 * 1024).to_string());
+        // The writer never checkpoints: an automatic checkpoint runs inside the commit
+        // that crosses the threshold, fsyncs the database file, and stalls every
+        // consume of that batch. `checkpointer` does it beside the writer instead.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await
             .map_err(unavailable)?;
+        let alive = std::sync::Arc::new(());
+        checkpointer::spawn(options.clone(), std::sync::Arc::downgrade(&alive)).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await
             .map_err(unavailable)?;
-        let usage = usage_writer::UsageWriter::spawn(writer.clone());
-        Ok(Self { writer, reader, usage, cache: Default::default() })
+        let usage = usage_writer::UsageWriter::spawn(writer.clone())?;
+        Ok(Self { writer, reader, usage, cache: Default::default(), _alive: alive })
     }
 
     /// Applies pending migrations; returns the versions applied now.

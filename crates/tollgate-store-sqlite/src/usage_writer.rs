@@ -42,10 +42,20 @@ pub(crate) struct UsageWriter {
 }
 
 impl UsageWriter {
-    pub(crate) fn spawn(pool: SqlitePool) -> Self {
+    /// Starts the writer on its own thread: on the shared runtime, each of a batch's
+    /// awaits on SQLite queued the writer behind every request task, and a batch
+    /// took as long as the whole server's backlog (p99 latency, BENCHMARKS.md).
+    pub(crate) fn spawn(pool: SqlitePool) -> Result<Self, StoreError> {
         let (jobs, rx) = mpsc::channel(MAX_BATCH * 8);
-        tokio::spawn(run(pool, rx));
-        Self { jobs }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("usage writer runtime: {e}")))?;
+        std::thread::Builder::new()
+            .name("tollgate-usage-writer".into())
+            .spawn(move || runtime.block_on(run(pool, rx)))
+            .map_err(|e| StoreError::Unavailable(format!("usage writer thread: {e}")))?;
+        Ok(Self { jobs })
     }
 
     pub(crate) async fn consume(&self, request: UsageRequest) -> Result<UsageDecision, StoreError> {
