@@ -93,6 +93,19 @@ pub struct Subscription {
     pub updated_at: Timestamp,
 }
 
+impl Subscription {
+    /// The `updated_at` of a change to a subscription last updated at `previous`: now,
+    /// at whole microseconds (what both stores keep), and strictly after `previous`,
+    /// since `updated_at` is the version `Store::put_subscription` compares.
+    pub fn version_after(previous: Option<Timestamp>, now: Timestamp) -> Timestamp {
+        let now = now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000).unwrap_or(now);
+        match previous {
+            Some(previous) if previous >= now => previous + time::Duration::microseconds(1),
+            _ => now,
+        }
+    }
+}
+
 /// What a service key may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Scope {

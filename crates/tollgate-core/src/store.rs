@@ -223,9 +223,18 @@ pub trait Store: Send + Sync + 'static {
     /// The account's subscription, whatever its status.
     async fn subscription(&self, account: AccountId) -> Result<Option<Subscription>, StoreError>;
 
-    /// Creates or replaces the account's subscription (one per account).
-    /// `NotFound` for an unknown account.
-    async fn put_subscription(&self, subscription: Subscription, audit: AuditEvent) -> Result<(), StoreError>;
+    /// Creates or replaces the account's subscription (one per account), but only if
+    /// the stored one is still the one the change was computed from: `previous` is its
+    /// `updated_at` (the row's version), `None` when there was none. Otherwise
+    /// `Conflict("subscription_changed")` and nothing is written, so two concurrent
+    /// changes (a cancel and a downgrade) cannot both start from the same state and
+    /// silently undo each other. `NotFound` for an unknown account.
+    async fn put_subscription(
+        &self,
+        subscription: Subscription,
+        previous: Option<Timestamp>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
 
     async fn create_service_key(
         &self,

@@ -72,6 +72,8 @@ pub enum ApiError {
     UnsupportedMeter(String),
     #[error("too many requests")]
     RateLimited { retry_after: Duration, limit: u32, reset_after: Duration },
+    #[error("the resource kept changing under this request; try again")]
+    ConcurrentChange,
     #[error("service unavailable")]
     Unavailable(String),
     #[error("internal error")]
@@ -125,6 +127,7 @@ impl ApiError {
             UnknownRateLimitScope(_) => ("unknown_scope", StatusCode::UNPROCESSABLE_ENTITY),
             UnsupportedMeter(_) => ("unsupported_meter_kind", StatusCode::UNPROCESSABLE_ENTITY),
             RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
+            ConcurrentChange => ("concurrent_change", StatusCode::CONFLICT),
             Unavailable(_) => ("service_unavailable", StatusCode::SERVICE_UNAVAILABLE),
             Internal(_) => ("internal_error", StatusCode::INTERNAL_SERVER_ERROR),
         }
@@ -197,6 +200,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => ApiError::NotFound,
             StoreError::Conflict("users_email") => ApiError::EmailTaken,
+            StoreError::Conflict("subscription_changed") => ApiError::ConcurrentChange,
             StoreError::Unavailable(s) => ApiError::Unavailable(s),
             other => ApiError::Internal(other.to_string()),
         }

@@ -136,10 +136,7 @@ mod tests {
     }
 
     fn app() -> Router {
-        Router::new()
-            .route("/ok", get(|| async { "ok" }))
-            .route("/panic", get(boom))
-            .layer(ObserveLayer)
+        Router::new().route("/ok", get(|| async { "ok" })).route("/panic", get(boom)).layer(ObserveLayer)
     }
 
     #[tokio::test]

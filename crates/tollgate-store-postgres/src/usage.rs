@@ -268,17 +268,25 @@ pub(crate) async fn subscription(store: &PgStore, account: AccountId) -> Result<
     }))
 }
 
-pub(crate) async fn put_subscription(store: &PgStore, s: Subscription, audit: AuditEvent) -> Result<(), StoreError> {
+pub(crate) async fn put_subscription(
+    store: &PgStore,
+    s: Subscription,
+    previous: Option<Timestamp>,
+    audit: AuditEvent,
+) -> Result<(), StoreError> {
     let mut tx = store.pool.begin().await.map_err(db_error)?;
-    // An unknown account fails the foreign key: `NotFound` (see `db_error`).
-    sqlx::query(
+    // An unknown account fails the foreign key: `NotFound` (see `db_error`). The
+    // update applies only to the version the change was computed from (a concurrent
+    // writer of the same row waits on its lock, then sees the new version).
+    let written = sqlx::query(
         "INSERT INTO subscriptions (account_id, plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, \
            scheduled_plan, scheduled_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10, $8) \
          ON CONFLICT (account_id) DO UPDATE SET plan_key = excluded.plan_key, status = excluded.status, \
            provider = excluded.provider, started_at = excluded.started_at, trial_ends_at = excluded.trial_ends_at, \
            cancel_at_period_end = excluded.cancel_at_period_end, scheduled_plan = excluded.scheduled_plan, \
-           scheduled_at = excluded.scheduled_at, updated_at = excluded.updated_at",
+           scheduled_at = excluded.scheduled_at, updated_at = excluded.updated_at \
+         WHERE subscriptions.updated_at IS NOT DISTINCT FROM $11",
     )
     .bind(s.account_id.0)
     .bind(&s.plan)
@@ -290,9 +298,13 @@ pub(crate) async fn put_subscription(store: &PgStore, s: Subscription, audit: Au
     .bind(s.updated_at)
     .bind(&s.scheduled_plan)
     .bind(s.scheduled_at)
+    .bind(previous)
     .execute(&mut *tx)
     .await
     .map_err(db_error)?;
+    if written.rows_affected() == 0 {
+        return Err(StoreError::Conflict("subscription_changed"));
+    }
     insert_audit(&mut tx, &audit).await?;
     tx.commit().await.map_err(db_error)
 }

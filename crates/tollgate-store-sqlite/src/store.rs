@@ -809,8 +809,13 @@ impl Store for SqliteStore {
         usage::subscription(self, account).await
     }
 
-    async fn put_subscription(&self, subscription: Subscription, audit: AuditEvent) -> Result<(), StoreError> {
-        usage::put_subscription(self, subscription, audit).await
+    async fn put_subscription(
+        &self,
+        subscription: Subscription,
+        previous: Option<Timestamp>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        usage::put_subscription(self, subscription, previous, audit).await
     }
 
     async fn create_service_key(

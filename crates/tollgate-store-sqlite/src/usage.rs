@@ -268,17 +268,21 @@ pub(crate) async fn subscription(store: &SqliteStore, account: AccountId) -> Res
 pub(crate) async fn put_subscription(
     store: &SqliteStore,
     s: Subscription,
+    previous: Option<Timestamp>,
     audit: AuditEvent,
 ) -> Result<(), StoreError> {
     let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
-    sqlx::query(
+    // The update applies only to the version the change was computed from; with no
+    // previous version, `IS NULL` never matches an existing row.
+    let written = sqlx::query(
         "INSERT INTO subscriptions (account_id, plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, \
            scheduled_plan, scheduled_at, updated_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9, ?10, ?8) \
          ON CONFLICT (account_id) DO UPDATE SET plan_key = excluded.plan_key, status = excluded.status, \
            provider = excluded.provider, started_at = excluded.started_at, trial_ends_at = excluded.trial_ends_at, \
            cancel_at_period_end = excluded.cancel_at_period_end, scheduled_plan = excluded.scheduled_plan, \
-           scheduled_at = excluded.scheduled_at, updated_at = excluded.updated_at",
+           scheduled_at = excluded.scheduled_at, updated_at = excluded.updated_at \
+         WHERE subscriptions.updated_at IS ?11",
     )
     .bind(s.account_id.0)
     .bind(&s.plan)
@@ -290,9 +294,13 @@ pub(crate) async fn put_subscription(
     .bind(micros(s.updated_at))
     .bind(&s.scheduled_plan)
     .bind(s.scheduled_at.map(micros))
+    .bind(previous.map(micros))
     .execute(&mut *tx)
     .await
     .map_err(db_error)?;
+    if written.rows_affected() == 0 {
+        return Err(StoreError::Conflict("subscription_changed"));
+    }
     insert_audit(&mut tx, &audit).await?;
     tx.commit().await.map_err(db_error)?;
     store.cache.store_subscription(s.account_id, Some(s));

@@ -7,6 +7,7 @@ use time::Duration;
 use super::{audit, new_user, t0};
 use crate::Timestamp;
 use crate::accounts::{NewExternalAccount, Scope, ServiceKey, Subscription, SubscriptionStatus};
+use crate::audit::AuditQuery;
 use crate::identity::SecretToken;
 use crate::ids::{AccountId, LeaseId, ReservationId, ServiceKeyId};
 use crate::metering::window::Window;
@@ -99,7 +100,8 @@ pub async fn catalog_apply_is_idempotent_and_archives_plans_in_use(store: Arc<dy
         scheduled_at: None,
         updated_at: now,
     };
-    store.put_subscription(sub, audit("subscription.changed", now)).await.unwrap();
+    let previous = store.subscription(sub.account_id).await.unwrap().map(|s| s.updated_at);
+    store.put_subscription(sub, previous, audit("subscription.changed", now)).await.unwrap();
     let second = catalog(vec![plan("free", true, 10)]);
     let changes = store.apply_catalog(&second, now).await.unwrap();
     assert_eq!(changes.updated, vec!["plan free".to_owned()]);
@@ -165,18 +167,82 @@ pub async fn subscriptions_are_one_per_account(store: Arc<dyn Store>) {
         scheduled_at: None,
         updated_at: now,
     };
-    store.put_subscription(sub.clone(), audit("s", now)).await.unwrap();
+    store.put_subscription(sub.clone(), None, audit("s", now)).await.unwrap();
     assert_eq!(store.subscription(account).await.unwrap().unwrap(), sub);
+    let first_version = sub.updated_at;
+    sub.updated_at = now + Duration::seconds(1);
     sub.plan = "max".into();
     sub.status = SubscriptionStatus::Active;
     sub.cancel_at_period_end = true;
     sub.scheduled_plan = Some("free".into());
     sub.scheduled_at = Some(now + Duration::days(30));
     sub.trial_ends_at = None;
-    store.put_subscription(sub.clone(), audit("s", now)).await.unwrap();
+    store.put_subscription(sub.clone(), Some(first_version), audit("s", now)).await.unwrap();
     assert_eq!(store.subscription(account).await.unwrap().unwrap(), sub);
     let ghost = Subscription { account_id: AccountId::new(), ..sub };
-    assert!(matches!(store.put_subscription(ghost, audit("s", now)).await, Err(StoreError::NotFound)));
+    assert!(matches!(store.put_subscription(ghost, None, audit("s", now)).await, Err(StoreError::NotFound)));
+}
+
+/// A change computed from a version that is no longer stored is refused whole (no
+/// row, no audit event), and of many changes computed from one version exactly one
+/// lands.
+pub async fn subscription_changes_compare_and_set(store: Arc<dyn Store>) {
+    let now = t0();
+    let account = external(&store, "cus_cas").await;
+    let base = Subscription {
+        account_id: account,
+        plan: "pro".into(),
+        status: SubscriptionStatus::Active,
+        provider: "manual".into(),
+        started_at: now,
+        trial_ends_at: None,
+        cancel_at_period_end: false,
+        scheduled_plan: None,
+        scheduled_at: None,
+        updated_at: now,
+    };
+    store.put_subscription(base.clone(), None, audit("sub.first", now)).await.unwrap();
+    // Created from "none" again: someone created it first.
+    let again = Subscription { plan: "max".into(), ..base.clone() };
+    assert!(matches!(
+        store.put_subscription(again, None, audit("sub.lost", now)).await,
+        Err(StoreError::Conflict("subscription_changed"))
+    ));
+    // From a stale version.
+    let stale = Subscription { plan: "max".into(), updated_at: now + Duration::seconds(2), ..base.clone() };
+    assert!(matches!(
+        store.put_subscription(stale, Some(now - Duration::seconds(1)), audit("sub.lost", now)).await,
+        Err(StoreError::Conflict("subscription_changed"))
+    ));
+    assert_eq!(store.subscription(account).await.unwrap().unwrap(), base);
+    let lost = AuditQuery { action_prefix: Some("sub.lost".into()), limit: 10, ..Default::default() };
+    assert!(store.list_audit(lost).await.unwrap().is_empty(), "a refused change leaves no audit event");
+
+    // Sixteen writers race from the same version: one wins.
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            let next = Subscription {
+                plan: format!("plan-{i}"),
+                updated_at: now + Duration::seconds(10) + Duration::microseconds(i),
+                ..base.clone()
+            };
+            tokio::spawn(async move { store.put_subscription(next, Some(now), audit("sub.race", now)).await })
+        })
+        .collect();
+    let mut won = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(StoreError::Conflict("subscription_changed")) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    let stored = store.subscription(account).await.unwrap().unwrap();
+    assert!(stored.plan.starts_with("plan-"));
+    let races = AuditQuery { action_prefix: Some("sub.race".into()), limit: 50, ..Default::default() };
+    assert_eq!(store.list_audit(races).await.unwrap().len(), 1);
 }
 
 pub async fn service_keys_are_found_by_digest(store: Arc<dyn Store>) {

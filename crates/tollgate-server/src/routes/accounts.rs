@@ -7,6 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use tollgate_core::StoreError;
 use tollgate_core::accounts::{
     Account, MAX_EXTERNAL_ID_LEN, NewExternalAccount, Scope, Subscription, SubscriptionStatus,
 };
@@ -123,24 +124,19 @@ pub async fn create_account(
     };
     let (account, created) = state.store.upsert_external_account(new).await?;
     if created && let Some(plan) = body.plan.filter(|p| *p != catalog.default_plan().key) {
-        subscribe(&state, &service, &origin, &account, &plan, 0).await?;
+        change_subscription(&state, &service, &origin, &account, |_, now| {
+            Ok(Some((fresh_subscription(&account, &plan, 0, now), "subscription.changed")))
+        })
+        .await?;
     }
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(AccountView::from(&account))))
 }
 
-/// Puts the account on `plan` now (a new billing period starts), clearing any
-/// scheduled change.
-async fn subscribe(
-    state: &AppState,
-    service: &Service,
-    origin: &tollgate_core::audit::RequestOrigin,
-    account: &Account,
-    plan: &str,
-    trial_days: u32,
-) -> Result<Subscription, ApiError> {
-    let now = OffsetDateTime::now_utc();
-    let subscription = Subscription {
+/// A subscription to `plan` starting now (a new billing period), with no scheduled
+/// change.
+fn fresh_subscription(account: &Account, plan: &str, trial_days: u32, now: OffsetDateTime) -> Subscription {
+    Subscription {
         account_id: account.id,
         plan: plan.to_owned(),
         status: if trial_days > 0 { SubscriptionStatus::Trialing } else { SubscriptionStatus::Active },
@@ -151,25 +147,44 @@ async fn subscribe(
         scheduled_plan: None,
         scheduled_at: None,
         updated_at: now,
-    };
-    save(state, service, origin, subscription, "subscription.changed").await
+    }
 }
 
-async fn save(
+/// How many times a subscription change is recomputed when another change to the
+/// same subscription lands between its read and its write.
+const CHANGE_ATTEMPTS: usize = 5;
+
+/// Read, decide, write with compare-and-set: `change` gets the live subscription
+/// as it stands (scheduled changes that are due folded in) and returns the new one
+/// with its audit action, or `None` when nothing is to change. If the stored row
+/// changed meanwhile, the store refuses and the change is decided again on the new
+/// state, so a cancel and a downgrade racing each other both take effect in some
+/// order instead of one silently overwriting the other.
+async fn change_subscription(
     state: &AppState,
     service: &Service,
     origin: &tollgate_core::audit::RequestOrigin,
-    subscription: Subscription,
-    action: &str,
-) -> Result<Subscription, ApiError> {
-    let audit = AuditEvent::new(Actor::System, action, origin, subscription.updated_at)
-        .meta("service_key_id", service.0.id.to_string())
-        .meta("account_id", subscription.account_id.to_string())
-        .meta("plan", subscription.plan.clone())
-        .meta("scheduled_plan", subscription.scheduled_plan.clone())
-        .meta("cancel_at_period_end", subscription.cancel_at_period_end);
-    state.store.put_subscription(subscription.clone(), audit).await?;
-    Ok(subscription)
+    account: &Account,
+    mut change: impl FnMut(Option<Subscription>, OffsetDateTime) -> Result<Option<(Subscription, &'static str)>, ApiError>,
+) -> Result<(), ApiError> {
+    for _ in 0..CHANGE_ATTEMPTS {
+        let now = OffsetDateTime::now_utc();
+        let stored = state.store.subscription(account.id).await?;
+        let previous = stored.as_ref().map(|s| s.updated_at);
+        let Some((mut next, action)) = change(settled(stored, now), now)? else { return Ok(()) };
+        next.updated_at = Subscription::version_after(previous, now);
+        let audit = AuditEvent::new(Actor::System, action, origin, next.updated_at)
+            .meta("service_key_id", service.0.id.to_string())
+            .meta("account_id", next.account_id.to_string())
+            .meta("plan", next.plan.clone())
+            .meta("scheduled_plan", next.scheduled_plan.clone())
+            .meta("cancel_at_period_end", next.cancel_at_period_end);
+        match state.store.put_subscription(next, previous, audit).await {
+            Err(StoreError::Conflict("subscription_changed")) => continue,
+            other => return Ok(other?),
+        }
+    }
+    Err(ApiError::ConcurrentChange)
 }
 
 /// The live subscription as it stands now, with a scheduled change that is already
@@ -240,30 +255,32 @@ pub async fn put_subscription(
             message: "at most 366 days".into(),
         }]));
     }
-    let now = OffsetDateTime::now_utc();
-    match settled(state.store.subscription(account.id).await?, now) {
-        Some(mut current) if body.at_period_end => {
-            current.scheduled_at = Some(period_end(current.started_at, now));
-            current.scheduled_plan = Some(body.plan);
-            current.cancel_at_period_end = false;
-            current.updated_at = now;
-            save(&state, &service, &origin, current, "subscription.change_scheduled").await?;
-        }
-        // Asking again for the plan already in force changes nothing (and cannot
-        // restart the billing period or the trial).
-        Some(current)
-            if current.plan == body.plan && current.scheduled_plan.is_none() && !current.cancel_at_period_end => {}
-        Some(mut current) if current.plan == body.plan => {
-            current.scheduled_plan = None;
-            current.scheduled_at = None;
-            current.cancel_at_period_end = false;
-            current.updated_at = now;
-            save(&state, &service, &origin, current, "subscription.change_unscheduled").await?;
-        }
-        _ => {
-            subscribe(&state, &service, &origin, &account, &body.plan, body.trial_days).await?;
-        }
-    }
+    let (plan, trial_days, at_period_end) = (body.plan, body.trial_days, body.at_period_end);
+    change_subscription(&state, &service, &origin, &account, |current, now| {
+        Ok(match current {
+            Some(mut current) if at_period_end => {
+                current.scheduled_at = Some(period_end(current.started_at, now));
+                current.scheduled_plan = Some(plan.clone());
+                current.cancel_at_period_end = false;
+                Some((current, "subscription.change_scheduled"))
+            }
+            // Asking again for the plan already in force changes nothing (and cannot
+            // restart the billing period or the trial).
+            Some(current)
+                if current.plan == plan && current.scheduled_plan.is_none() && !current.cancel_at_period_end =>
+            {
+                None
+            }
+            Some(mut current) if current.plan == plan => {
+                current.scheduled_plan = None;
+                current.scheduled_at = None;
+                current.cancel_at_period_end = false;
+                Some((current, "subscription.change_unscheduled"))
+            }
+            _ => Some((fresh_subscription(&account, &plan, trial_days, now), "subscription.changed")),
+        })
+    })
+    .await?;
     Ok(Json(state.quotas.entitlements(&state.catalog.get(), account).await?))
 }
 
@@ -291,20 +308,21 @@ pub async fn cancel_subscription(
 ) -> ApiResult<Json<Entitlements>> {
     service.require(Scope::AccountsWrite)?;
     let account = resolve_account(&state, &id).await?;
-    let now = OffsetDateTime::now_utc();
-    let mut current = settled(state.store.subscription(account.id).await?, now).ok_or(ApiError::NotFound)?;
-    if query.at_period_end {
-        current.cancel_at_period_end = true;
-        current.scheduled_plan = None;
-        current.scheduled_at = Some(period_end(current.started_at, now));
-    } else {
-        current.status = SubscriptionStatus::Canceled;
-        current.cancel_at_period_end = false;
-        current.scheduled_plan = None;
-        current.scheduled_at = None;
-    }
-    current.updated_at = now;
-    save(&state, &service, &origin, current, "subscription.canceled").await?;
+    change_subscription(&state, &service, &origin, &account, |current, now| {
+        let mut current = current.ok_or(ApiError::NotFound)?;
+        if query.at_period_end {
+            current.cancel_at_period_end = true;
+            current.scheduled_plan = None;
+            current.scheduled_at = Some(period_end(current.started_at, now));
+        } else {
+            current.status = SubscriptionStatus::Canceled;
+            current.cancel_at_period_end = false;
+            current.scheduled_plan = None;
+            current.scheduled_at = None;
+        }
+        Ok(Some((current, "subscription.canceled")))
+    })
+    .await?;
     Ok(Json(state.quotas.entitlements(&state.catalog.get(), account).await?))
 }
 
