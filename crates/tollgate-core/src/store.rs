@@ -255,6 +255,11 @@ pub trait Store: Send + Sync + 'static {
     /// with another request it is `Conflict("idempotency_key")`.
     async fn consume_usage(&self, request: UsageRequest) -> Result<UsageDecision, StoreError>;
 
+    /// The stored answer to an idempotency key, if its request completed: the
+    /// request's hash and the decision. Lets a retry of a call whose first answer
+    /// changed what the call looks at (a settled reservation) still be replayed.
+    async fn idempotent_answer(&self, scope: &str, key: &str) -> Result<Option<(String, UsageDecision)>, StoreError>;
+
     /// A reservation of `account` (any status).
     async fn reservation(&self, account: AccountId, id: ReservationId) -> Result<Option<Reservation>, StoreError>;
 

@@ -902,6 +902,25 @@ impl Store for PgStore {
         usage::consume_usage(self, request).await
     }
 
+    async fn idempotent_answer(&self, scope: &str, key: &str) -> Result<Option<(String, UsageDecision)>, StoreError> {
+        // A claimed key whose request has not finished has no response yet.
+        let row: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT request_hash, response::text FROM idempotency_keys WHERE scope = $1 AND key = $2")
+                .bind(scope)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+        match row {
+            Some((hash, Some(response))) => {
+                let decision =
+                    serde_json::from_str(&response).map_err(|e| StoreError::Internal(format!("stored answer: {e}")))?;
+                Ok(Some((hash, decision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     async fn reservation(&self, account: AccountId, id: ReservationId) -> Result<Option<Reservation>, StoreError> {
         usage::reservation(self, account, id).await
     }

@@ -252,7 +252,21 @@ impl Quotas {
         id: ReservationId,
         status: ReservationStatus,
         final_amount: Option<i64>,
+        idempotency: Option<Idempotency>,
     ) -> Result<UsageDecision, QuotaError> {
+        // A retry of a settle that went through finds the reservation settled: answer
+        // it from the stored decision before looking. (Two attempts at once both get
+        // past this; the store's claim of the key lets one settle and replays it to
+        // the other.)
+        if let Some(idem) = &idempotency
+            && let Some((hash, mut decision)) = self.store.idempotent_answer(&idem.scope, &idem.key).await?
+        {
+            if hash != idem.request_hash {
+                return Err(QuotaError::IdempotencyKeyReused);
+            }
+            decision.replayed = true;
+            return Ok(decision);
+        }
         let reservation = self
             .store
             .reservation(account, id)
@@ -273,7 +287,7 @@ impl Quotas {
             amount: reservation.amount - keep,
             windows: reservation.windows,
             dry_run: false,
-            idempotency: None,
+            idempotency,
             context: EventContext::default(),
             now: time::OffsetDateTime::now_utc(),
             reservation: Some(ReservationAction::Settle { id, status }),
@@ -294,7 +308,7 @@ impl Quotas {
                 return Ok(expired);
             }
             for r in batch {
-                match self.settle(r.account, r.id, ReservationStatus::Expired, None).await {
+                match self.settle(r.account, r.id, ReservationStatus::Expired, None, None).await {
                     Ok(_) | Err(QuotaError::ReservationNotFound) => expired += 1,
                     Err(e) => return Err(e),
                 }

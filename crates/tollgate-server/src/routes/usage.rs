@@ -97,7 +97,7 @@ fn idempotency(
     headers: &HeaderMap,
     service: &Service,
     route: &str,
-    body: &UsageBody,
+    body: &impl Serialize,
 ) -> Result<Option<Idempotency>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
     let key = value.to_str().map_err(|_| ApiError::InvalidIdempotencyKey)?.trim();
@@ -291,6 +291,7 @@ pub async fn refund(
 /// Sets a gauge's level (e.g. storage used) to `amount`: raising it must fit the
 /// plan's maximum, lowering it always works.
 #[utoipa::path(post, path = "/v1/usage/set", tag = "usage", security(("bearer" = [])), request_body = UsageBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body count once")),
     responses(
         (status = 200, description = "Set; the level", body = UsageAnswer),
         (status = 402, description = "`quota_exceeded`: above the plan's maximum", body = ErrorResponse),
@@ -309,6 +310,7 @@ pub async fn set(
 /// Moves a gauge's level by `amount` (negative lowers it, never below zero); raising
 /// it must fit the plan's maximum.
 #[utoipa::path(post, path = "/v1/usage/add", tag = "usage", security(("bearer" = [])), request_body = UsageBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body count once")),
     responses(
         (status = 200, description = "Moved; the level", body = UsageAnswer),
         (status = 402, description = "`quota_exceeded`: above the plan's maximum", body = ErrorResponse),
@@ -444,6 +446,7 @@ pub struct ReserveBody {
 /// succeeded (optionally with the final amount), release it when it failed; if
 /// neither happens within `ttl_seconds` it is given back by itself.
 #[utoipa::path(post, path = "/v1/usage/reserve", tag = "usage", security(("bearer" = [])), request_body = ReserveBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body count once")),
     responses(
         (status = 200, description = "Reserved, with `reservation_id` and `expires_at`", body = UsageAnswer),
         (status = 402, description = "`quota_exceeded`", body = ErrorResponse),
@@ -454,9 +457,11 @@ pub async fn reserve(
     State(state): State<AppState>,
     service: Service,
     Origin(origin): Origin,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<ReserveBody>,
 ) -> ApiResult<Response> {
     service.require(Scope::UsageWrite)?;
+    let idempotency = idempotency(&headers, &service, "reserve", &body)?;
     let as_usage = UsageBody {
         account: body.account.clone(),
         meter: body.meter.clone(),
@@ -467,15 +472,22 @@ pub async fn reserve(
     validate(&as_usage, false)?;
     let ttl = body.ttl_seconds.unwrap_or(300).clamp(1, 7 * 24 * 3600);
     let account = resolve_account(&state, &body.account).await?;
-    let id = tollgate_core::ids::ReservationId::new();
-    let expires_at = time::OffsetDateTime::now_utc() + time::Duration::seconds(ttl as i64);
+    // With an Idempotency-Key the reservation's id follows from the key, so a replay
+    // answers with the id the first attempt opened.
+    let id = match &idempotency {
+        Some(idem) => reservation_id_for(idem),
+        None => tollgate_core::ids::ReservationId::new(),
+    };
+    // Whole seconds, as stored, so that a replay's answer is the first one's.
+    let now = time::OffsetDateTime::now_utc();
+    let mut expires_at = now.replace_nanosecond(0).unwrap_or(now) + time::Duration::seconds(ttl as i64);
     let input = ConsumeInput {
         meter: body.meter.clone(),
         op: UsageOp::Consume,
         reservation: Some(tollgate_core::metering::ReservationAction::Open { id, expires_at }),
         amount: body.amount,
         dry_run: false,
-        idempotency: None,
+        idempotency,
         context: EventContext { endpoint: body.endpoint.clone(), metadata: None, ip: origin.ip },
     };
     let catalog = state.catalog.get();
@@ -483,10 +495,28 @@ pub async fn reserve(
         return Err(ApiError::UnsupportedMeter("only counters can be reserved".into()));
     }
     let outcome = state.quotas.consume(&catalog, &account, input).await?;
+    if outcome.decision.replayed
+        && let Some(opened) = state.store.reservation(account.id, id).await?
+    {
+        expires_at = opened.expires_at;
+    }
     Ok(answer(outcome, account.id.0, body.meter, body.amount, Some((id.0, expires_at))))
 }
 
-#[derive(Deserialize, ToSchema)]
+/// The reservation id of a reserve with this idempotency key: the first 16 bytes
+/// of SHA-256 over its scope and key, as a version-8 (custom) UUID.
+fn reservation_id_for(idem: &Idempotency) -> tollgate_core::ids::ReservationId {
+    let digest = Sha256::new()
+        .chain_update(idem.scope.as_bytes())
+        .chain_update([0])
+        .chain_update(idem.key.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    tollgate_core::ids::ReservationId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettleBody {
     /// The account that holds the reservation (id or `ext:<id>`).
@@ -498,20 +528,29 @@ pub struct SettleBody {
 async fn settle(
     state: AppState,
     service: Service,
+    headers: HeaderMap,
     id: uuid::Uuid,
     body: SettleBody,
     status: tollgate_core::metering::ReservationStatus,
 ) -> ApiResult<Json<serde_json::Value>> {
     service.require(Scope::UsageWrite)?;
+    // The reservation is part of what the key fingerprints.
+    let route = format!("reservations/{}", status.as_str());
+    let idempotency = idempotency(&headers, &service, &route, &(id, &body))?;
     let account = resolve_account(&state, &body.account).await?;
-    let decision = state.quotas.settle(account.id, tollgate_core::ids::ReservationId(id), status, body.amount).await?;
-    Ok(Json(serde_json::json!({ "status": status.as_str(), "windows": decision.windows })))
+    let reservation = tollgate_core::ids::ReservationId(id);
+    let decision = state.quotas.settle(account.id, reservation, status, body.amount, idempotency).await?;
+    Ok(Json(
+        serde_json::json!({ "status": status.as_str(), "windows": decision.windows, "replayed": decision.replayed }),
+    ))
 }
 
 /// The work succeeded: keep the reserved amount (or the final `amount`, giving the
 /// rest back).
 #[utoipa::path(post, path = "/v1/usage/reservations/{id}/commit", tag = "usage", security(("bearer" = [])),
-    params(("id" = uuid::Uuid, Path, description = "Reservation id")), request_body = SettleBody,
+    params(("id" = uuid::Uuid, Path, description = "Reservation id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A retry replays the first answer")),
+    request_body = SettleBody,
     responses(
         (status = 200, description = "Committed; the windows after", body = Object),
         (status = 404, description = "No pending reservation with this id for this account", body = ErrorResponse),
@@ -521,14 +560,17 @@ pub async fn commit(
     State(state): State<AppState>,
     service: Service,
     axum::extract::Path(id): axum::extract::Path<uuid::Uuid>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<SettleBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    settle(state, service, id, body, tollgate_core::metering::ReservationStatus::Committed).await
+    settle(state, service, headers, id, body, tollgate_core::metering::ReservationStatus::Committed).await
 }
 
 /// The work failed: give everything reserved back.
 #[utoipa::path(post, path = "/v1/usage/reservations/{id}/release", tag = "usage", security(("bearer" = [])),
-    params(("id" = uuid::Uuid, Path, description = "Reservation id")), request_body = SettleBody,
+    params(("id" = uuid::Uuid, Path, description = "Reservation id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A retry replays the first answer")),
+    request_body = SettleBody,
     responses(
         (status = 200, description = "Released; the windows after", body = Object),
         (status = 404, description = "No pending reservation with this id for this account", body = ErrorResponse),
@@ -537,10 +579,11 @@ pub async fn release_reservation(
     State(state): State<AppState>,
     service: Service,
     axum::extract::Path(id): axum::extract::Path<uuid::Uuid>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<SettleBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
     if body.amount.is_some() {
         return Err(ApiError::Validation(vec![field("amount", "not_allowed", "a release gives everything back")]));
     }
-    settle(state, service, id, body, tollgate_core::metering::ReservationStatus::Released).await
+    settle(state, service, headers, id, body, tollgate_core::metering::ReservationStatus::Released).await
 }

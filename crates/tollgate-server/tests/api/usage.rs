@@ -381,3 +381,69 @@ async fn reservations_count_only_work_that_succeeded() {
     assert_eq!(meter["windows"][0]["used"], 1, "the expired reservation was given back");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn reserve_and_settle_retries_replay_their_first_answer() {
+    let (app, key) = app_with("medical-imaging.toml").await;
+    customer(&app, &key, "clinic", None).await;
+    let post = |path: String, idem: &'static str, body: serde_json::Value| {
+        let client = app.client.clone();
+        let url = app.url(&path);
+        let key = key.clone();
+        async move {
+            let res =
+                client.post(url).bearer_auth(key).header("idempotency-key", idem).json(&body).send().await.unwrap();
+            let status = res.status();
+            (status, res.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let reserve = json!({ "account": "ext:clinic", "meter": "api_calls_l3_detect", "amount": 5, "ttl_seconds": 60 });
+    // Eight attempts of one reserve at once: one reservation, counted once, one id.
+    let tasks: Vec<_> =
+        (0..8).map(|_| tokio::spawn(post("/v1/usage/reserve".into(), "job-7", reserve.clone()))).collect();
+    let mut ids = std::collections::HashSet::new();
+    let mut expiries = std::collections::HashSet::new();
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["windows"][0]["used"], 5, "{body}");
+        ids.insert(body["reservation_id"].as_str().unwrap().to_owned());
+        expiries.insert(body["expires_at"].as_str().unwrap().to_owned());
+    }
+    assert_eq!((ids.len(), expiries.len()), (1, 1), "every replay names the same reservation");
+    let id = ids.into_iter().next().unwrap();
+    let (status, body) = post(
+        "/v1/usage/reserve".into(),
+        "job-7",
+        json!({ "account": "ext:clinic", "meter": "api_calls_l3_detect", "amount": 6 }),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused"))
+    );
+
+    // Commit with the final amount, retried: the second answer replays the first
+    // instead of saying the reservation is gone.
+    let commit = format!("/v1/usage/reservations/{id}/commit");
+    let first = post(commit.clone(), "commit-7", json!({ "account": "ext:clinic", "amount": 3 })).await;
+    assert_eq!(first.0, StatusCode::OK, "{}", first.1);
+    assert_eq!((first.1["windows"][0]["used"].clone(), first.1["replayed"].clone()), (json!(3), json!(false)));
+    let again = post(commit.clone(), "commit-7", json!({ "account": "ext:clinic", "amount": 3 })).await;
+    assert_eq!(again.0, StatusCode::OK, "{}", again.1);
+    assert_eq!((again.1["windows"][0]["used"].clone(), again.1["replayed"].clone()), (json!(3), json!(true)));
+    let other = post(commit, "commit-7", json!({ "account": "ext:clinic", "amount": 2 })).await;
+    assert_eq!(
+        (other.0, other.1["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("idempotency_key_reused"))
+    );
+    // Without a key, a second settle finds nothing pending.
+    let r =
+        app.post_auth(&format!("/v1/usage/reservations/{id}/release"), &key, json!({ "account": "ext:clinic" })).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app.get_auth("/v1/accounts/ext:clinic/entitlements", &key).await;
+    let meter =
+        r.body["meters"].as_array().unwrap().iter().find(|m| m["meter"] == "api_calls_l3_detect").unwrap().clone();
+    assert_eq!(meter["windows"][0]["used"], 3);
+    app.stop().await;
+}
