@@ -6,18 +6,21 @@
 //! types (uuid, timestamptz, jsonb); the "use once" rules (tokens, refresh rotation,
 //! TOTP steps, recovery codes, outbox claims) rely on conditional UPDATEs and row
 //! locks rather than on a single writer, see `store.rs`; usage counters, idempotency
-//! keys and the plans catalog, see `usage.rs`.
+//! keys and the plans catalog, see `usage.rs`; plain consumes are committed in
+//! batches, see `usage_batch.rs`.
 
 mod migrations;
 mod rows;
 mod store;
 mod usage;
+mod usage_batch;
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tollgate_core::StoreError;
+use usage_batch::UsageBatcher;
 
 pub use migrations::MIGRATIONS;
 
@@ -26,10 +29,12 @@ pub use migrations::MIGRATIONS;
 const MAX_CONNECTIONS: u32 = 10;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The PostgreSQL store. Cheap to clone.
+/// The PostgreSQL store. Cheap to clone; its usage batcher stops once every clone is
+/// dropped.
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    usage_batch: UsageBatcher,
 }
 
 impl PgStore {
@@ -59,7 +64,8 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(unavailable)?;
-        Ok(Self { pool })
+        let usage_batch = UsageBatcher::spawn(pool.clone())?;
+        Ok(Self { pool, usage_batch })
     }
 
     /// Applies pending migrations; returns the versions applied now.

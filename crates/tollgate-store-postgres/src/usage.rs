@@ -4,7 +4,9 @@
 //! Writers really run concurrently here (READ COMMITTED, a pool of connections), so
 //! each rule that SQLite gets from its single writer is made explicit:
 //! - `consume_usage` serialises the consumes of one (account, meter) on a
-//!   transaction-level advisory lock and reads the counters only once it holds it;
+//!   transaction-level advisory lock and reads the counters only once it holds it
+//!   (a batch of plain consumes, `usage_batch.rs`, holds the locks of all of its
+//!   (account, meter) pairs, taken in ascending order);
 //!   `acquire_lease` takes the same lock before counting the live leases;
 //! - an idempotency key is claimed first, so a concurrent duplicate waits on the
 //!   primary key and replays the committed answer;
@@ -33,7 +35,7 @@ use uuid::Uuid;
 
 use crate::rows::get;
 use crate::store::insert_audit;
-use crate::{PgStore, db_error};
+use crate::{PgStore, db_error, usage_batch};
 
 fn json_err(e: serde_json::Error) -> StoreError {
     StoreError::Internal(format!("stored JSON: {e}"))
@@ -430,7 +432,7 @@ fn day_string(d: time::Date) -> String {
 /// The advisory lock key of one (account, meter)'s counters (and leases): FNV-1a,
 /// stable across Rust versions and instances. A collision only makes two meters take
 /// turns.
-fn counters_lock_key(account: AccountId, meter: &str) -> i64 {
+pub(crate) fn counters_lock_key(account: AccountId, meter: &str) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in b"usage_counters\0".iter().chain(account.0.as_bytes()).chain(meter.as_bytes()) {
         hash ^= u64::from(*byte);
@@ -490,7 +492,17 @@ async fn claim_idempotency_key(
 }
 
 /// Checks and (unless denied) counts the request, records the event, the daily total
-/// and the idempotency answer, in one transaction.
+/// and the idempotency answer. Plain consumes are committed in batches
+/// (`usage_batch.rs`); every other request has a transaction of its own
+/// ([`consume_alone`]).
+pub(crate) async fn consume_usage(store: &PgStore, request: UsageRequest) -> Result<UsageDecision, StoreError> {
+    if usage_batch::is_batchable(&request) {
+        return store.usage_batch.consume(store, request).await;
+    }
+    consume_alone(store, request).await
+}
+
+/// [`consume_usage`] in a transaction of its own: the reference a batch must match.
 ///
 /// Exactness: every consume of one (account, meter) takes the same transaction-level
 /// advisory lock before reading the counters, and keeps it until it commits. Under
@@ -499,7 +511,7 @@ async fn claim_idempotency_key(
 /// change them before this one commits. Row locks (`SELECT ... FOR UPDATE`) would not
 /// do for rolling windows: a bucket row that a concurrent consume has inserted but not
 /// committed is invisible to the snapshot, so it could be neither locked nor counted.
-pub(crate) async fn consume_usage(store: &PgStore, request: UsageRequest) -> Result<UsageDecision, StoreError> {
+pub(crate) async fn consume_alone(store: &PgStore, request: UsageRequest) -> Result<UsageDecision, StoreError> {
     let keys: Vec<Vec<String>> = request.windows.iter().map(|w| w.count_keys.clone()).collect();
     if request.dry_run {
         // Reads as things stand, locks nothing, writes nothing. Dry runs are only
