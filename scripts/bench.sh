@@ -1,45 +1,95 @@
 #!/usr/bin/env bash
-# Load benchmark on loopback, side by side in one run: a bare axum hello world, then
-# Tollgate's POST /v1/usage/consume (durable: answered after commit) on one hot
-# account and spread over 100 accounts, then POST /v1/ratelimit/check.
-# wrk, 2 threads, 64 connections, DURATION seconds each (default 10). Bounded: every
-# process started here is stopped by pid at the end. Usage: scripts/bench.sh [DURATION]
+# Load benchmark on loopback, side by side in one run. For each target: requests/s,
+# p99 latency (wrk, 2 threads, 64 connections, DURATION seconds) and the server's CPU
+# time per request (utime + stime from /proc, so it is less sensitive than requests/s
+# to whatever else the machine is doing).
+#   1. a bare axum hello world (the yardstick)
+#   2. Tollgate on SQLite (the embedded default): POST /v1/usage/consume, durable
+#      (answered after commit), one hot account and spread over 100 accounts; then
+#      POST /v1/ratelimit/check with the in-memory limiter
+#   3. Tollgate on PostgreSQL (a fresh database, dropped at the end): the same consumes
+#   4. Tollgate with Redis rate limiting: POST /v1/ratelimit/check
+# Steps 3 and 4 are skipped, saying so, when PostgreSQL or Redis is not reachable.
+# Bounded: every process started here is stopped by pid at the end.
+# Usage: scripts/bench.sh [DURATION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-10}"
+pg_url="${TOLLGATE_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}"
+redis_url="${TOLLGATE_BENCH_REDIS_URL:-redis://127.0.0.1:6379}"
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 
 cargo build --release --bin tollgate --example hello
 target="${CARGO_TARGET_DIR:-target}/release"
 work=$(mktemp -d)
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
+bench_db="tollgate_bench_$$"
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ -n "${pg_ready:-}" ]; then psql -q "$pg_url/postgres" -c "DROP DATABASE IF EXISTS $bench_db" >/dev/null 2>&1 || true; fi
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
-run_wrk() { # name, url, [script]
-  echo "== $1"
-  if [ -n "${3:-}" ]; then
-    wrk -t2 -c64 -d"${duration}s" --latency -s "$3" "$2" | grep -E "Requests/sec|Latency  |  50%|  99%|Non-2xx|Socket errors"
-  else
-    wrk -t2 -c64 -d"${duration}s" --latency "$2" | grep -E "Requests/sec|Latency  |  50%|  99%|Non-2xx|Socket errors"
-  fi
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+run_wrk() { # name, server pid, url, [wrk script]
+  local before after out total
+  before=$(cpu_ticks "$2")
+  out=$(wrk -t2 -c64 -d"${duration}s" --latency ${4:+-s "$4"} "$3")
+  after=$(cpu_ticks "$2")
+  total=$(echo "$out" | awk '/requests in/ {print $1}')
+  printf '%-48s %10s req/s  p50 %-8s p99 %-8s %6.1f us CPU/req %s\n' "$1" \
+    "$(echo "$out" | awk '/Requests\/sec/ {print $2}')" \
+    "$(echo "$out" | awk '$1 == "50%" {print $2}')" "$(echo "$out" | awk '$1 == "99%" {print $2}')" \
+    "$(echo "($after - $before) * 1000000 / $(getconf CLK_TCK) / $total" | bc -l)" \
+    "$(echo "$out" | grep -E "Non-2xx|Socket errors" | tr -s ' ' | tr '\n' ' ')"
+}
+wait_ready() { for _ in $(seq 1 100); do curl -sf "http://$1/readyz" >/dev/null && return 0; sleep 0.1; done; echo "not ready: $1" >&2; exit 1; }
+start_tollgate() { # name, listen, [env assignments...]; sets TG_KEY and tg_pid
+  local name=$1 listen=$2; shift 2
+  mkdir -p "$work/$name"
+  TG_KEY=$(env TOLLGATE_DATA_DIR="$work/$name" "$@" "$target/tollgate" keys create --name bench --scopes 'admin:*' | tail -1)
+  export TG_KEY
+  env TOLLGATE_DATA_DIR="$work/$name" TOLLGATE_LISTEN="$listen" TOLLGATE_PLANS_FILE="$PWD/bench/plans.toml" \
+    TOLLGATE_LOG=warn "$@" "$target/tollgate" serve & tg_pid=$!
+  pids+=("$tg_pid")
+  wait_ready "$listen"
+  for i in $(seq 0 99); do
+    curl -sf -o /dev/null -X POST "http://$listen/v1/accounts" -H "Authorization: Bearer $TG_KEY" \
+      -H 'Content-Type: application/json' -d "{\"external_id\":\"bench-$i\"}"
+  done
 }
 
-"$target/examples/hello" 127.0.0.1:18181 & pids+=($!)
-sleep 0.5
-run_wrk "hello world (bare axum)" http://127.0.0.1:18181/
-kill "${pids[0]}"
+echo "== $(date -u +%F), $(nproc) cores, wrk -t2 -c64 -d${duration}s"
+"$target/examples/hello" 127.0.0.1:18181 & hello_pid=$!
+pids+=("$hello_pid")
+sleep 0.3
+run_wrk "hello world (bare axum)" "$hello_pid" http://127.0.0.1:18181/
 
-export TOLLGATE_DATA_DIR="$work" TOLLGATE_LISTEN=127.0.0.1:18182 TOLLGATE_PLANS_FILE="$PWD/bench/plans.toml" TOLLGATE_LOG=warn
-TG_KEY=$("$target/tollgate" keys create --name bench --scopes 'admin:*' | tail -1)
-export TG_KEY
-"$target/tollgate" serve & pids+=($!)
-for _ in $(seq 1 50); do curl -sf http://127.0.0.1:18182/readyz >/dev/null && break; sleep 0.1; done
-for i in $(seq 0 99); do
-  curl -sf -o /dev/null -X POST http://127.0.0.1:18182/v1/accounts -H "Authorization: Bearer $TG_KEY" \
-    -H 'Content-Type: application/json' -d "{\"external_id\":\"bench-$i\"}"
-done
-TG_ACCOUNTS=1 run_wrk "consume, one hot account (SQLite, durable)" http://127.0.0.1:18182/v1/usage/consume bench/consume.lua
-TG_ACCOUNTS=100 run_wrk "consume, spread over 100 accounts (SQLite, durable)" http://127.0.0.1:18182/v1/usage/consume bench/consume.lua
-run_wrk "rate-limit check (in memory)" http://127.0.0.1:18182/v1/ratelimit/check bench/ratelimit.lua
-echo "== server: $(ps -o rss= -p "${pids[1]}") KiB resident after the run"
+start_tollgate sqlite 127.0.0.1:18182
+run_wrk "SQLite: consume, one hot account" "$tg_pid" http://127.0.0.1:18182/v1/usage/consume bench/consume.lua
+TG_ACCOUNTS=100 run_wrk "SQLite: consume, spread over 100 accounts" "$tg_pid" http://127.0.0.1:18182/v1/usage/consume bench/consume.lua
+run_wrk "rate-limit check (in memory)" "$tg_pid" http://127.0.0.1:18182/v1/ratelimit/check bench/ratelimit.lua
+run_wrk "hello world again (drift check)" "$hello_pid" http://127.0.0.1:18181/
+echo "   SQLite server resident: $(ps -o rss= -p "$tg_pid") KiB"
+kill "$tg_pid"
+
+if command -v psql >/dev/null && psql -q "$pg_url/postgres" -c "CREATE DATABASE $bench_db" >/dev/null 2>&1; then
+  pg_ready=1
+  start_tollgate postgres 127.0.0.1:18183 TOLLGATE_DATABASE_URL="$pg_url/$bench_db"
+  run_wrk "PostgreSQL: consume, one hot account" "$tg_pid" http://127.0.0.1:18183/v1/usage/consume bench/consume.lua
+  TG_ACCOUNTS=100 run_wrk "PostgreSQL: consume, spread over 100 accounts" "$tg_pid" http://127.0.0.1:18183/v1/usage/consume bench/consume.lua
+  kill "$tg_pid"
+else
+  echo "-- PostgreSQL not reachable at $pg_url: skipped"
+fi
+
+if command -v redis-cli >/dev/null && redis-cli -u "$redis_url" ping >/dev/null 2>&1; then
+  start_tollgate redis 127.0.0.1:18184 TOLLGATE_REDIS_URL="$redis_url" TOLLGATE_REDIS_KEY_PREFIX="tollgate-bench-$$:"
+  run_wrk "rate-limit check (Redis)" "$tg_pid" http://127.0.0.1:18184/v1/ratelimit/check bench/ratelimit.lua
+  kill "$tg_pid"
+  redis-cli -u "$redis_url" --scan --pattern "tollgate-bench-$$:*" | xargs -r redis-cli -u "$redis_url" del >/dev/null
+else
+  echo "-- Redis not reachable at $redis_url: skipped"
+fi
