@@ -452,6 +452,22 @@ async fn claim_idempotency_key(
     idem: &Idempotency,
     now: Timestamp,
 ) -> Result<Option<UsageDecision>, StoreError> {
+    match claim_idempotency_key_raw(conn, idem, now).await? {
+        Some(response) => {
+            let mut decision: UsageDecision = serde_json::from_value(response).map_err(json_err)?;
+            decision.replayed = true;
+            Ok(Some(decision))
+        }
+        None => Ok(None),
+    }
+}
+
+/// [`claim_idempotency_key`] for any kind of answer: the stored answer as JSON.
+async fn claim_idempotency_key_raw(
+    conn: &mut PgConnection,
+    idem: &Idempotency,
+    now: Timestamp,
+) -> Result<Option<Value>, StoreError> {
     // Idempotency rows are never deleted today; the loop covers one being removed
     // (say, by an expiry job) between the conflict and the read.
     for _ in 0..3 {
@@ -482,10 +498,8 @@ async fn claim_idempotency_key(
             if hash != idem.request_hash {
                 return Err(StoreError::Conflict("idempotency_key"));
             }
-            // A null answer (a claim) would fail here rather than be replayed.
-            let mut decision: UsageDecision = serde_json::from_value(response).map_err(json_err)?;
-            decision.replayed = true;
-            return Ok(Some(decision));
+            // A null answer (a claim) fails to parse in the caller rather than replay.
+            return Ok(Some(response));
         }
     }
     Err(StoreError::Internal("idempotency key neither claimed nor found".into()))
@@ -699,6 +713,14 @@ pub(crate) async fn acquire_lease(store: &PgStore, request: LeaseRequest) -> Res
     if !exists {
         return Err(StoreError::NotFound);
     }
+    // The key first, before the lock (as for consumes): a duplicate waits on it.
+    if let Some(idem) = &request.idempotency
+        && let Some(stored) = claim_idempotency_key_raw(&mut tx, idem, request.now).await?
+    {
+        let mut decision: LeaseDecision = serde_json::from_value(stored).map_err(json_err)?;
+        decision.replayed = true;
+        return Ok(decision);
+    }
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(counters_lock_key(request.account, &request.meter))
         .execute(&mut *tx)
@@ -730,15 +752,26 @@ pub(crate) async fn acquire_lease(store: &PgStore, request: LeaseRequest) -> Res
     }
     let outcome = if allowed { "consumed" } else { "denied" };
     lease_event(&mut tx, request.account, &request.meter, outcome, Some(&request.context), request.now).await?;
-    tx.commit().await.map_err(db_error)?;
-    Ok(LeaseDecision {
+    let decision = LeaseDecision {
         allowed,
         held: held + i64::from(allowed),
         max: request.max,
         lease_id: allowed.then_some(request.id),
         expires_at: allowed.then_some(request.expires_at),
         next_expiry: if allowed { None } else { next_expiry },
-    })
+        replayed: false,
+    };
+    if let Some(idem) = &request.idempotency {
+        sqlx::query("UPDATE idempotency_keys SET response = $3 WHERE scope = $1 AND key = $2")
+            .bind(&idem.scope)
+            .bind(&idem.key)
+            .bind(Json(&decision))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(decision)
 }
 
 /// Releases a live lease of `account`: one conditional UPDATE, so of two concurrent

@@ -467,6 +467,25 @@ pub(crate) async fn acquire_lease(store: &SqliteStore, request: LeaseRequest) ->
     if !exists {
         return Err(StoreError::NotFound);
     }
+    // The writer lock is held: a duplicate waits, then finds this one's answer.
+    if let Some(idem) = &request.idempotency {
+        let stored: Option<(String, String)> =
+            sqlx::query_as("SELECT request_hash, response FROM idempotency_keys WHERE scope = ?1 AND key = ?2")
+                .bind(&idem.scope)
+                .bind(&idem.key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        if let Some((hash, response)) = stored {
+            if hash != idem.request_hash {
+                return Err(StoreError::Conflict("idempotency_key"));
+            }
+            let mut decision: LeaseDecision =
+                serde_json::from_str(&response).map_err(|e| StoreError::Internal(format!("stored answer: {e}")))?;
+            decision.replayed = true;
+            return Ok(decision);
+        }
+    }
     let (held, next_expiry): (i64, Option<i64>) = sqlx::query_as(
         "SELECT COUNT(*), MIN(expires_at) FROM usage_leases \
          WHERE account_id = ?1 AND meter = ?2 AND released_at IS NULL AND expires_at > ?3",
@@ -493,15 +512,31 @@ pub(crate) async fn acquire_lease(store: &SqliteStore, request: LeaseRequest) ->
     }
     let outcome = if allowed { "consumed" } else { "denied" };
     lease_event(&mut tx, request.account, &request.meter, outcome, Some(&request.context), request.now).await?;
-    tx.commit().await.map_err(db_error)?;
-    Ok(LeaseDecision {
+    let decision = LeaseDecision {
         allowed,
         held: held + i64::from(allowed),
         max: request.max,
         lease_id: allowed.then_some(request.id),
         expires_at: allowed.then_some(request.expires_at),
         next_expiry: if allowed { None } else { next_expiry.map(from_micros).transpose()? },
-    })
+        replayed: false,
+    };
+    if let Some(idem) = &request.idempotency {
+        let response = serde_json::to_string(&decision).map_err(|e| StoreError::Internal(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO idempotency_keys (scope, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&idem.scope)
+        .bind(&idem.key)
+        .bind(&idem.request_hash)
+        .bind(response)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(decision)
 }
 
 pub(crate) async fn release_lease(

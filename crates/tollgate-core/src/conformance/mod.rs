@@ -8,9 +8,10 @@ mod usage;
 pub use usage::{
     catalog_apply_is_idempotent_and_archives_plans_in_use, consume_counts_all_windows_or_none,
     consume_for_an_unknown_account_is_not_found, consume_is_exact_under_concurrency, external_accounts_are_idempotent,
-    idempotent_consume_replays_and_conflicts, leases_hold_slots_until_released_or_expired, refunds_and_gauge_levels,
-    reservations_are_exact_under_concurrency, reservations_count_until_settled, service_keys_are_found_by_digest,
-    subscription_changes_compare_and_set, subscriptions_are_one_per_account,
+    idempotent_acquires_take_one_slot, idempotent_consume_replays_and_conflicts,
+    leases_hold_slots_until_released_or_expired, refunds_and_gauge_levels, reservations_are_exact_under_concurrency,
+    reservations_count_until_settled, service_keys_are_found_by_digest, subscription_changes_compare_and_set,
+    subscriptions_are_one_per_account,
 };
 
 use std::sync::Arc;
@@ -49,7 +50,7 @@ macro_rules! conformance_tests {
             outbox_claim_lease_and_outcomes, concurrent_refresh_rotates_once, token_requires_existing_user,
             magic_login_drops_unproven_credentials, mfa_login_verifies_nothing, security_changes_end_outstanding_links,
             catalog_apply_is_idempotent_and_archives_plans_in_use, external_accounts_are_idempotent,
-            subscriptions_are_one_per_account, subscription_changes_compare_and_set, service_keys_are_found_by_digest, consume_counts_all_windows_or_none,
+            subscriptions_are_one_per_account, subscription_changes_compare_and_set, idempotent_acquires_take_one_slot, service_keys_are_found_by_digest, consume_counts_all_windows_or_none,
             consume_is_exact_under_concurrency, idempotent_consume_replays_and_conflicts,
             consume_for_an_unknown_account_is_not_found, refunds_and_gauge_levels,
             leases_hold_slots_until_released_or_expired, reservations_count_until_settled,

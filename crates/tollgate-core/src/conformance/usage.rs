@@ -412,7 +412,39 @@ fn lease(account: AccountId, max: Option<i64>, now: Timestamp, ttl: Duration) ->
         expires_at: now + ttl,
         context: EventContext::default(),
         now,
+        idempotency: None,
     }
+}
+
+/// Attempts of one acquire with one key, at once: one slot taken, every answer names
+/// the same lease; the key with another request is refused.
+pub async fn idempotent_acquires_take_one_slot(store: Arc<dyn Store>) {
+    let now = t0();
+    let account = external(&store, "lab").await;
+    let idem =
+        |hash: &str| Idempotency { scope: "svc:test:acquire".into(), key: "run-1".into(), request_hash: hash.into() };
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            let request =
+                LeaseRequest { idempotency: Some(idem("h1")), ..lease(account, Some(3), now, Duration::hours(1)) };
+            tokio::spawn(async move { store.acquire_lease(request).await.unwrap() })
+        })
+        .collect();
+    let mut leases = std::collections::HashSet::new();
+    let mut fresh = 0;
+    for task in tasks {
+        let d = task.await.unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.held, 1, "{d:?}");
+        leases.insert(d.lease_id.unwrap());
+        fresh += usize::from(!d.replayed);
+    }
+    assert_eq!((leases.len(), fresh), (1, 1));
+    let other = LeaseRequest { idempotency: Some(idem("h2")), ..lease(account, Some(3), now, Duration::hours(1)) };
+    assert!(matches!(store.acquire_lease(other).await, Err(StoreError::Conflict("idempotency_key"))));
+    let plain = store.acquire_lease(lease(account, Some(3), now, Duration::hours(1))).await.unwrap();
+    assert_eq!(plain.held, 2, "only one slot was taken by the eight attempts");
 }
 
 pub async fn leases_hold_slots_until_released_or_expired(store: Arc<dyn Store>) {

@@ -154,6 +154,9 @@ pub struct LeaseRequest {
     pub expires_at: Timestamp,
     pub context: EventContext,
     pub now: Timestamp,
+    /// A retry with the same key and request replays the first answer (the same
+    /// lease) instead of taking another slot.
+    pub idempotency: Option<Idempotency>,
 }
 
 /// The answer to a lease request.
@@ -170,6 +173,9 @@ pub struct LeaseDecision {
     /// When denied: when the first live lease expires (a slot frees up at the latest).
     #[serde(with = "time::serde::rfc3339::option")]
     pub next_expiry: Option<Timestamp>,
+    /// The stored answer of an earlier request with the same idempotency key.
+    #[serde(default)]
+    pub replayed: bool,
 }
 
 /// One window in an answer.

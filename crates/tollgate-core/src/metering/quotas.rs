@@ -207,6 +207,7 @@ impl Quotas {
         meter_key: &str,
         lease_seconds: Option<u64>,
         context: EventContext,
+        idempotency: Option<Idempotency>,
     ) -> Result<(LeaseDecision, String, Vec<String>), QuotaError> {
         let meter = catalog.meters.get(meter_key).ok_or_else(|| QuotaError::UnknownMeter(meter_key.to_owned()))?;
         if meter.kind != MeterKind::Concurrency {
@@ -228,6 +229,7 @@ impl Quotas {
             expires_at: now + time::Duration::seconds(seconds as i64),
             context,
             now,
+            idempotency,
         };
         let decision = self.store.acquire_lease(request).await?;
         let upgrade_plans = if decision.allowed {

@@ -326,7 +326,7 @@ pub async fn add(
     run(state, service, origin, headers, body, Route::Add).await
 }
 
-#[derive(Deserialize, ToSchema)]
+#[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AcquireBody {
     /// Account id, or `ext:<your customer id>`.
@@ -350,11 +350,14 @@ pub struct LeaseAnswer {
     pub held: i64,
     /// Slots allowed at once; null = unlimited.
     pub max: Option<i64>,
+    /// This answer repeats the first answer to the same `Idempotency-Key`.
+    pub replayed: bool,
 }
 
 /// Takes a slot of a concurrency meter (e.g. a running simulation). Slots free up when
 /// released or when their lease expires.
 #[utoipa::path(post, path = "/v1/usage/acquire", tag = "usage", security(("bearer" = [])), request_body = AcquireBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retry replays the first answer (the same lease)")),
     responses(
         (status = 200, description = "Slot taken", body = LeaseAnswer),
         (status = 402, description = "`quota_exceeded`: every slot is taken; `Retry-After` until the first lease expires", body = ErrorResponse),
@@ -365,14 +368,16 @@ pub async fn acquire(
     State(state): State<AppState>,
     service: Service,
     Origin(origin): Origin,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<AcquireBody>,
 ) -> ApiResult<Response> {
     service.require(Scope::UsageWrite)?;
+    let idempotency = idempotency(&headers, &service, "acquire", &body)?;
     let account = resolve_account(&state, &body.account).await?;
     let context = EventContext { endpoint: body.endpoint.clone(), metadata: None, ip: origin.ip };
     let catalog = state.catalog.get();
     let (decision, plan, upgrade_plans) =
-        state.quotas.acquire(&catalog, account.id, &body.meter, body.lease_seconds, context).await?;
+        state.quotas.acquire(&catalog, account.id, &body.meter, body.lease_seconds, context, idempotency).await?;
     if decision.allowed {
         let answer = LeaseAnswer {
             allowed: true,
@@ -381,6 +386,7 @@ pub async fn acquire(
             expires_at: decision.expires_at,
             held: decision.held,
             max: decision.max,
+            replayed: decision.replayed,
         };
         return Ok((StatusCode::OK, Json(answer)).into_response());
     }

@@ -322,6 +322,29 @@ async fn monte_carlo_concurrent_simulations_are_leases() {
     assert_eq!(release(leases[0].clone(), "ext:other").await.status, StatusCode::NOT_FOUND, "not theirs");
     assert_eq!(release(leases[0].clone(), "ext:lab").await.status, StatusCode::NO_CONTENT);
     assert_eq!(release(leases[0].clone(), "ext:lab").await.status, StatusCode::NOT_FOUND, "released once");
+    // A retried acquire with its Idempotency-Key names the same lease and takes
+    // no second slot.
+    let send = || async {
+        let res = app
+            .client
+            .post(app.url("/v1/usage/acquire"))
+            .bearer_auth(&key)
+            .header("idempotency-key", "sim-42")
+            .json(&json!({ "account": "ext:lab", "meter": "concurrent_simulations" }))
+            .send()
+            .await
+            .unwrap();
+        (res.status(), res.json::<serde_json::Value>().await.unwrap())
+    };
+    let (first, again) = (send().await, send().await);
+    assert_eq!((first.0, again.0), (StatusCode::OK, StatusCode::OK), "{first:?} {again:?}");
+    assert_eq!(first.1["lease_id"], again.1["lease_id"]);
+    assert_eq!((first.1["replayed"].clone(), again.1["replayed"].clone()), (json!(false), json!(true)));
+    assert_eq!(acquire().await.status, StatusCode::PAYMENT_REQUIRED, "three slots held, not four");
+    assert_eq!(
+        release(first.1["lease_id"].as_str().unwrap().to_owned(), "ext:lab").await.status,
+        StatusCode::NO_CONTENT
+    );
     assert_eq!(acquire().await.status, StatusCode::OK, "the slot is free again");
     // A short lease frees itself.
     app.post_auth("/v1/accounts/ext:lab/subscription", &key, json!({ "plan": "basic" })).await;
