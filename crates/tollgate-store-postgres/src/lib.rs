@@ -10,6 +10,7 @@
 //! batches, see `usage_batch.rs`.
 
 mod migrations;
+mod read_cache;
 mod rows;
 mod store;
 mod usage;
@@ -35,6 +36,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct PgStore {
     pool: PgPool,
     usage_batch: UsageBatcher,
+    /// Accounts and subscriptions the hot path reads (see `read_cache`).
+    cache: std::sync::Arc<read_cache::ReadCache>,
 }
 
 impl PgStore {
@@ -65,7 +68,7 @@ impl PgStore {
             .await
             .map_err(unavailable)?;
         let usage_batch = UsageBatcher::spawn(pool.clone())?;
-        Ok(Self { pool, usage_batch })
+        Ok(Self { pool, usage_batch, cache: Default::default() })
     }
 
     /// Applies pending migrations; returns the versions applied now.

@@ -237,15 +237,33 @@ pub(crate) async fn account_by_id(store: &PgStore, id: AccountId) -> Result<Opti
 }
 
 pub(crate) async fn account_by_external_id(store: &PgStore, external_id: &str) -> Result<Option<Account>, StoreError> {
+    if let Some(found) = store.cache.account_by_external_id(external_id) {
+        return Ok(Some(found));
+    }
     let row = sqlx::query(concat!("SELECT ", account_columns!(), " FROM accounts WHERE external_id = $1"))
         .bind(external_id)
         .fetch_optional(&store.pool)
         .await
         .map_err(db_error)?;
-    row.as_ref().map(account).transpose()
+    let found = row.as_ref().map(account).transpose()?;
+    if let Some(found) = &found {
+        store.cache.remember_account(found);
+    }
+    Ok(found)
 }
 
+/// The subscription as this node last saw it, at most `read_cache::SUBSCRIPTION_TTL`
+/// ago (see `read_cache.rs`).
 pub(crate) async fn subscription(store: &PgStore, account: AccountId) -> Result<Option<Subscription>, StoreError> {
+    if let Some(cached) = store.cache.subscription(account) {
+        return Ok(cached);
+    }
+    let found = subscription_row(store, account).await?;
+    store.cache.remember_subscription(account, found.clone());
+    Ok(found)
+}
+
+async fn subscription_row(store: &PgStore, account: AccountId) -> Result<Option<Subscription>, StoreError> {
     let row = sqlx::query(
         "SELECT plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, scheduled_plan, scheduled_at, \
            updated_at FROM subscriptions WHERE account_id = $1",
@@ -305,10 +323,14 @@ pub(crate) async fn put_subscription(
     .await
     .map_err(db_error)?;
     if written.rows_affected() == 0 {
+        // Possibly computed from this node's cached copy: the retry reads the row.
+        store.cache.forget_subscription(s.account_id);
         return Err(StoreError::Conflict("subscription_changed"));
     }
     insert_audit(&mut tx, &audit).await?;
-    tx.commit().await.map_err(db_error)
+    tx.commit().await.map_err(db_error)?;
+    store.cache.remember_subscription(s.account_id, Some(s));
+    Ok(())
 }
 
 pub(crate) async fn create_service_key(
