@@ -66,13 +66,14 @@ impl SqliteStore {
             .await
             .map_err(unavailable)?;
         let alive = std::sync::Arc::new(());
-        checkpointer::spawn(options.clone(), std::sync::Arc::downgrade(&alive)).await?;
+        let wal_size = std::sync::Arc::new(checkpointer::WalSize::default());
+        checkpointer::spawn(options.clone(), std::sync::Arc::downgrade(&alive), wal_size.clone()).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await
             .map_err(unavailable)?;
-        let usage = usage_writer::UsageWriter::spawn(writer.clone())?;
+        let usage = usage_writer::UsageWriter::spawn(writer.clone(), wal_size)?;
         Ok(Self { writer, reader, usage, cache: Default::default(), _alive: alive })
     }
 

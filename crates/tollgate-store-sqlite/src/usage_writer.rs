@@ -11,6 +11,7 @@
 //! writer of `usage_counters` in the process (SQLite has one process writing).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool};
 use sqlx::{Connection, QueryBuilder};
@@ -19,6 +20,7 @@ use tollgate_core::ids::{AccountId, ReservationId, UsageEventId};
 use tollgate_core::metering::{self, ReservationAction, ReservationStatus, UsageDecision, UsageRequest, WindowState};
 use tollgate_core::{StoreError, Timestamp};
 
+use crate::checkpointer::WalSize;
 use crate::db_error;
 use crate::rows::micros;
 
@@ -45,7 +47,7 @@ impl UsageWriter {
     /// Starts the writer on its own thread: on the shared runtime, each of a batch's
     /// awaits on SQLite queued the writer behind every request task, and a batch
     /// took as long as the whole server's backlog (p99 latency, BENCHMARKS.md).
-    pub(crate) fn spawn(pool: SqlitePool) -> Result<Self, StoreError> {
+    pub(crate) fn spawn(pool: SqlitePool, wal_size: Arc<WalSize>) -> Result<Self, StoreError> {
         let (jobs, rx) = mpsc::channel(MAX_BATCH * 8);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -53,7 +55,7 @@ impl UsageWriter {
             .map_err(|e| StoreError::Unavailable(format!("usage writer runtime: {e}")))?;
         std::thread::Builder::new()
             .name("tollgate-usage-writer".into())
-            .spawn(move || runtime.block_on(run(pool, rx)))
+            .spawn(move || runtime.block_on(run(pool, rx, wal_size)))
             .map_err(|e| StoreError::Unavailable(format!("usage writer thread: {e}")))?;
         Ok(Self { jobs })
     }
@@ -101,7 +103,7 @@ struct Cache {
     accounts: HashSet<AccountId>,
 }
 
-async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>) {
+async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>, wal_size: Arc<WalSize>) {
     let mut cache = Cache::default();
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
@@ -115,7 +117,16 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>) {
             cache.counters.clear();
         }
         let outcome = match pool.acquire().await {
-            Ok(mut conn) => run_batch(&mut conn, &mut cache, &jobs).await,
+            Ok(mut conn) => {
+                let outcome = run_batch(&mut conn, &mut cache, &jobs).await;
+                // Between two batches, nothing is being written: see `checkpointer.rs`.
+                if wal_size.take_restart_due()
+                    && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *conn).await
+                {
+                    tracing::warn!(error = %e, "WAL checkpoint by the writer failed");
+                }
+                outcome
+            }
             Err(e) => Err(db_error(e)),
         };
         match outcome {
