@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, HeaderValue, header};
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use tower::{Layer, Service};
@@ -66,7 +66,17 @@ where
                 value.set_sensitive(true);
             }
         }
-        let method = request.method().clone();
+        // Any token is a valid method: unknown ones share one label.
+        let method = match *request.method() {
+            Method::GET
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::HEAD
+            | Method::OPTIONS => request.method().clone(),
+            _ => Method::from_bytes(b"OTHER").unwrap_or_default(),
+        };
         let route = request.extensions().get::<MatchedPath>().cloned();
         // The path only: query strings can carry tokens.
         let span = tracing::info_span!("request", method = %method, path = %request.uri().path(), request_id = ?id);

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tollgate_core::accounts::{Account, Subscription};
@@ -27,6 +28,9 @@ const MAX_ENTRIES: usize = 100_000;
 pub(crate) struct ReadCache {
     accounts_by_external_id: Expiring<String, Account>,
     subscriptions: Expiring<AccountId, Option<Subscription>>,
+    /// Bumped by every subscription write through this node: a read that started
+    /// before a write must not put its older row back after it.
+    generation: AtomicU64,
 }
 
 impl ReadCache {
@@ -44,11 +48,25 @@ impl ReadCache {
         self.subscriptions.get(&account, SUBSCRIPTION_TTL)
     }
 
-    pub(crate) fn remember_subscription(&self, account: AccountId, subscription: Option<Subscription>) {
-        self.subscriptions.put(account, subscription);
+    /// Take before reading the database; pass to [`Self::fill_subscription`].
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Remembers a row read from the database, unless this node wrote a
+    /// subscription since `seen` (the row may predate that write).
+    pub(crate) fn fill_subscription(&self, account: AccountId, subscription: Option<Subscription>, seen: u64) {
+        self.subscriptions.put_if(account, subscription, || self.generation() == seen);
+    }
+
+    /// This node's own write, committed.
+    pub(crate) fn store_subscription(&self, account: AccountId, subscription: Subscription) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.subscriptions.put(account, Some(subscription));
     }
 
     pub(crate) fn forget_subscription(&self, account: AccountId) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.subscriptions.remove(&account);
     }
 }
@@ -74,7 +92,16 @@ impl<K: Eq + Hash, V: Clone> Expiring<K, V> {
     }
 
     fn put(&self, key: K, value: V) {
+        self.put_if(key, value, || true);
+    }
+
+    /// Inserts if `still_valid` holds, checked under the lock (so a concurrent
+    /// writer's `put` cannot land between the check and the insert).
+    fn put_if(&self, key: K, value: V, still_valid: impl FnOnce() -> bool) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if !still_valid() {
+            return;
+        }
         if entries.len() >= MAX_ENTRIES {
             entries.retain(|_, (at, _)| at.elapsed() < ACCOUNT_TTL);
             if entries.len() >= MAX_ENTRIES {

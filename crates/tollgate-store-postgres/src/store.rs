@@ -912,7 +912,8 @@ impl Store for PgStore {
                 .await
                 .map_err(db_error)?;
         match row {
-            Some((hash, Some(response))) => {
+            // A claim's placeholder (never committed, but cheap to rule out).
+            Some((hash, Some(response))) if response != "null" => {
                 let decision =
                     serde_json::from_str(&response).map_err(|e| StoreError::Internal(format!("stored answer: {e}")))?;
                 Ok(Some((hash, decision)))

@@ -258,8 +258,9 @@ pub(crate) async fn subscription(store: &PgStore, account: AccountId) -> Result<
     if let Some(cached) = store.cache.subscription(account) {
         return Ok(cached);
     }
+    let seen = store.cache.generation();
     let found = subscription_row(store, account).await?;
-    store.cache.remember_subscription(account, found.clone());
+    store.cache.fill_subscription(account, found.clone(), seen);
     Ok(found)
 }
 
@@ -329,7 +330,7 @@ pub(crate) async fn put_subscription(
     }
     insert_audit(&mut tx, &audit).await?;
     tx.commit().await.map_err(db_error)?;
-    store.cache.remember_subscription(s.account_id, Some(s));
+    store.cache.store_subscription(s.account_id, s);
     Ok(())
 }
 
@@ -783,14 +784,25 @@ pub(crate) async fn acquire_lease(store: &PgStore, request: LeaseRequest) -> Res
         next_expiry: if allowed { None } else { next_expiry },
         replayed: false,
     };
+    // Only a granted lease is the key's answer: a denial invites a retry later
+    // (`Retry-After`), which must be able to take a slot then.
     if let Some(idem) = &request.idempotency {
-        sqlx::query("UPDATE idempotency_keys SET response = $3 WHERE scope = $1 AND key = $2")
-            .bind(&idem.scope)
-            .bind(&idem.key)
-            .bind(Json(&decision))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        if allowed {
+            sqlx::query("UPDATE idempotency_keys SET response = $3 WHERE scope = $1 AND key = $2")
+                .bind(&idem.scope)
+                .bind(&idem.key)
+                .bind(Json(&decision))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        } else {
+            sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2")
+                .bind(&idem.scope)
+                .bind(&idem.key)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        }
     }
     tx.commit().await.map_err(db_error)?;
     Ok(decision)

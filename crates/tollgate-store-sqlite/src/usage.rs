@@ -521,7 +521,9 @@ pub(crate) async fn acquire_lease(store: &SqliteStore, request: LeaseRequest) ->
         next_expiry: if allowed { None } else { next_expiry.map(from_micros).transpose()? },
         replayed: false,
     };
-    if let Some(idem) = &request.idempotency {
+    // Only a granted lease is the key's answer: a denial invites a retry later
+    // (`Retry-After`), which must be able to take a slot then.
+    if let Some(idem) = request.idempotency.as_ref().filter(|_| allowed) {
         let response = serde_json::to_string(&decision).map_err(|e| StoreError::Internal(e.to_string()))?;
         sqlx::query(
             "INSERT INTO idempotency_keys (scope, key, request_hash, response, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",

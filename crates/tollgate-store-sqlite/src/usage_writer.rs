@@ -116,20 +116,18 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>, wal_size: Arc<WalSiz
         if cache.counters.len() > MAX_CACHED {
             cache.counters.clear();
         }
-        let outcome = match pool.acquire().await {
-            Ok(mut conn) => {
-                let outcome = run_batch(&mut conn, &mut cache, &jobs).await;
-                // Between two batches, nothing is being written: see `checkpointer.rs`.
-                if wal_size.take_restart_due()
-                    && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *conn).await
-                {
-                    tracing::warn!(error = %e, "WAL checkpoint by the writer failed");
+        let mut conn = match pool.acquire().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                let e = db_error(e);
+                tracing::error!(error = %e, batch = jobs.len(), "usage batch failed");
+                for job in jobs {
+                    let _ = job.reply.send(Err(StoreError::Unavailable(e.to_string())));
                 }
-                outcome
+                continue;
             }
-            Err(e) => Err(db_error(e)),
         };
-        match outcome {
+        match run_batch(&mut conn, &mut cache, &jobs).await {
             Ok(decisions) => {
                 for (job, decision) in jobs.into_iter().zip(decisions) {
                     let _ = job.reply.send(decision);
@@ -144,6 +142,13 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>, wal_size: Arc<WalSiz
                     let _ = job.reply.send(Err(StoreError::Unavailable(e.to_string())));
                 }
             }
+        }
+        // After the answers, so that no caller waits for it; nothing is being written
+        // now (see `checkpointer.rs`).
+        if wal_size.take_restart_due()
+            && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *conn).await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint by the writer failed");
         }
     }
 }

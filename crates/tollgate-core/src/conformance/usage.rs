@@ -445,6 +445,20 @@ pub async fn idempotent_acquires_take_one_slot(store: Arc<dyn Store>) {
     assert!(matches!(store.acquire_lease(other).await, Err(StoreError::Conflict("idempotency_key"))));
     let plain = store.acquire_lease(lease(account, Some(3), now, Duration::hours(1))).await.unwrap();
     assert_eq!(plain.held, 2, "only one slot was taken by the eight attempts");
+    // A denial is not the key's answer: retried once a slot is free, it takes it.
+    store.acquire_lease(lease(account, Some(3), now, Duration::hours(1))).await.unwrap();
+    let keyed = || LeaseRequest {
+        idempotency: Some(Idempotency {
+            scope: "svc:test:acquire".into(),
+            key: "run-2".into(),
+            request_hash: "h1".into(),
+        }),
+        ..lease(account, Some(3), now, Duration::hours(1))
+    };
+    assert!(!store.acquire_lease(keyed()).await.unwrap().allowed);
+    store.release_lease(account, plain.lease_id.unwrap(), now).await.unwrap();
+    let retried = store.acquire_lease(keyed()).await.unwrap();
+    assert!(retried.allowed && !retried.replayed, "{retried:?}");
 }
 
 pub async fn leases_hold_slots_until_released_or_expired(store: Arc<dyn Store>) {

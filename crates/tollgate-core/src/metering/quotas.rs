@@ -256,25 +256,23 @@ impl Quotas {
         final_amount: Option<i64>,
         idempotency: Option<Idempotency>,
     ) -> Result<UsageDecision, QuotaError> {
-        // A retry of a settle that went through finds the reservation settled: answer
-        // it from the stored decision before looking. (Two attempts at once both get
-        // past this; the store's claim of the key lets one settle and replays it to
-        // the other.)
-        if let Some(idem) = &idempotency
-            && let Some((hash, mut decision)) = self.store.idempotent_answer(&idem.scope, &idem.key).await?
-        {
-            if hash != idem.request_hash {
-                return Err(QuotaError::IdempotencyKeyReused);
+        let reservation = self.store.reservation(account, id).await?.filter(|r| r.status == ReservationStatus::Pending);
+        let Some(reservation) = reservation else {
+            // A retry of a settle that went through finds the reservation settled; the
+            // settle stored its answer in the same transaction, so it is there to
+            // replay. (Two attempts that both find it pending are sorted out by the
+            // store's claim of the key: one settles, the other replays.)
+            if let Some(idem) = &idempotency
+                && let Some((hash, mut decision)) = self.store.idempotent_answer(&idem.scope, &idem.key).await?
+            {
+                if hash != idem.request_hash {
+                    return Err(QuotaError::IdempotencyKeyReused);
+                }
+                decision.replayed = true;
+                return Ok(decision);
             }
-            decision.replayed = true;
-            return Ok(decision);
-        }
-        let reservation = self
-            .store
-            .reservation(account, id)
-            .await?
-            .filter(|r| r.status == ReservationStatus::Pending)
-            .ok_or(QuotaError::ReservationNotFound)?;
+            return Err(QuotaError::ReservationNotFound);
+        };
         let keep = match status {
             ReservationStatus::Committed => final_amount.unwrap_or(reservation.amount),
             _ => 0,

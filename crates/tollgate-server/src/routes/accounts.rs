@@ -167,11 +167,20 @@ async fn change_subscription(
     account: &Account,
     mut change: impl FnMut(Option<Subscription>, OffsetDateTime) -> Result<Option<(Subscription, &'static str)>, ApiError>,
 ) -> Result<(), ApiError> {
+    let mut was_live = false;
     for _ in 0..CHANGE_ATTEMPTS {
         let now = OffsetDateTime::now_utc();
         let stored = state.store.subscription(account.id).await?;
         let previous = stored.as_ref().map(|s| s.updated_at);
-        let Some((mut next, action)) = change(settled(stored, now), now)? else { return Ok(()) };
+        let current = settled(stored, now);
+        // Decided against a live subscription that a concurrent change then ended (a
+        // cancel): deciding again on "none" would turn, say, a scheduled downgrade
+        // into a new subscription. The caller asks again, knowing.
+        if was_live && current.is_none() {
+            return Err(ApiError::ConcurrentChange);
+        }
+        was_live = current.is_some();
+        let Some((mut next, action)) = change(current, now)? else { return Ok(()) };
         next.updated_at = Subscription::version_after(previous, now);
         let audit = AuditEvent::new(Actor::System, action, origin, next.updated_at)
             .meta("service_key_id", service.0.id.to_string())
