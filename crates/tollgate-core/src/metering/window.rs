@@ -168,7 +168,36 @@ pub fn key(window: Window, now: Timestamp, anchor: Option<Timestamp>) -> String 
 /// the last is [`key`]'s.
 pub fn rolling_bucket_keys(seconds: u64, now: Timestamp) -> Vec<String> {
     let b = Buckets::at(seconds, now);
-    (b.oldest..=b.current).map(|index| b.key(index)).collect()
+    // Up to 60 keys on every decision: the prefix once, digits without `fmt` (with
+    // `format!` each, this was nine tenths of a decision's time; BENCHMARKS.md).
+    let prefix = b.key_prefix();
+    (b.oldest..=b.current)
+        .map(|index| {
+            let mut key = String::with_capacity(prefix.len() + 20);
+            key.push_str(&prefix);
+            push_decimal(&mut key, index);
+            key
+        })
+        .collect()
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut String, n: i64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = n.unsigned_abs();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        out.push('-');
+    }
+    out.push_str(std::str::from_utf8(&digits[start..]).expect("ASCII digits"));
 }
 
 /// Length in seconds of the buckets of a rolling window of `seconds`: at most about 60
@@ -209,7 +238,11 @@ impl Buckets {
     }
 
     fn key(&self, index: i64) -> String {
-        format!("r{}:{index}", self.seconds)
+        format!("{}{index}", self.key_prefix())
+    }
+
+    fn key_prefix(&self) -> String {
+        format!("r{}:", self.seconds)
     }
 }
 
@@ -526,6 +559,13 @@ mod tests {
                 prop_assert_eq!(t.time(), anchor.truncate_to_second().time());
             }
             prop_assert_eq!(span(Window::BillingPeriod, now, None), span(Window::Month, now, None));
+        }
+
+        #[test]
+        fn decimal_digits_match_display(n in any::<i64>()) {
+            let mut out = String::from("r60:");
+            push_decimal(&mut out, n);
+            prop_assert_eq!(out, format!("r60:{n}"));
         }
 
         /// The counted buckets are consecutive, end with the current one, and cover at
