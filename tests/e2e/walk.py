@@ -11,6 +11,7 @@ import email
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -175,6 +176,7 @@ def main():
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=30)
         smtp.stop()
+        shutil.rmtree(data, ignore_errors=True)
     check(code == 0, "SIGTERM: graceful shutdown, exit 0")
     print("walk passed")
 
