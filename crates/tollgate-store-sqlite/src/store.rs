@@ -836,22 +836,7 @@ impl Store for SqliteStore {
     }
 
     async fn idempotent_answer(&self, scope: &str, key: &str) -> Result<Option<(String, UsageDecision)>, StoreError> {
-        // A claimed key whose request has not finished has no response yet.
-        let row: Option<(String, Option<String>)> =
-            sqlx::query_as("SELECT request_hash, response FROM idempotency_keys WHERE scope = ?1 AND key = ?2")
-                .bind(scope)
-                .bind(key)
-                .fetch_optional(&self.reader)
-                .await
-                .map_err(db_error)?;
-        match row {
-            Some((hash, Some(response))) => {
-                let decision =
-                    serde_json::from_str(&response).map_err(|e| StoreError::Internal(format!("stored answer: {e}")))?;
-                Ok(Some((hash, decision)))
-            }
-            _ => Ok(None),
-        }
+        usage::stored_answer(&self.reader, scope, key).await
     }
 
     async fn reservation(&self, account: AccountId, id: ReservationId) -> Result<Option<Reservation>, StoreError> {

@@ -456,6 +456,29 @@ async fn lease_event(
     Ok(())
 }
 
+/// The stored answer to an idempotency key: the hash of its request and the answer.
+/// (Answers are written in the same transaction as what they answer, so a key that
+/// is here is complete.)
+pub(crate) async fn stored_answer<'c, T: serde::de::DeserializeOwned>(
+    conn: impl sqlx::SqliteExecutor<'c>,
+    scope: &str,
+    key: &str,
+) -> Result<Option<(String, T)>, StoreError> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT request_hash, response FROM idempotency_keys WHERE scope = ?1 AND key = ?2")
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(conn)
+            .await
+            .map_err(db_error)?;
+    row.map(|(hash, response)| {
+        serde_json::from_str(&response)
+            .map(|answer| (hash, answer))
+            .map_err(|e| StoreError::Internal(format!("stored answer: {e}")))
+    })
+    .transpose()
+}
+
 pub(crate) async fn acquire_lease(store: &SqliteStore, request: LeaseRequest) -> Result<LeaseDecision, StoreError> {
     let now = micros(request.now);
     let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
@@ -468,23 +491,14 @@ pub(crate) async fn acquire_lease(store: &SqliteStore, request: LeaseRequest) ->
         return Err(StoreError::NotFound);
     }
     // The writer lock is held: a duplicate waits, then finds this one's answer.
-    if let Some(idem) = &request.idempotency {
-        let stored: Option<(String, String)> =
-            sqlx::query_as("SELECT request_hash, response FROM idempotency_keys WHERE scope = ?1 AND key = ?2")
-                .bind(&idem.scope)
-                .bind(&idem.key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_error)?;
-        if let Some((hash, response)) = stored {
-            if hash != idem.request_hash {
-                return Err(StoreError::Conflict("idempotency_key"));
-            }
-            let mut decision: LeaseDecision =
-                serde_json::from_str(&response).map_err(|e| StoreError::Internal(format!("stored answer: {e}")))?;
-            decision.replayed = true;
-            return Ok(decision);
+    if let Some(idem) = &request.idempotency
+        && let Some((hash, mut decision)) = stored_answer::<LeaseDecision>(&mut *tx, &idem.scope, &idem.key).await?
+    {
+        if hash != idem.request_hash {
+            return Err(StoreError::Conflict("idempotency_key"));
         }
+        decision.replayed = true;
+        return Ok(decision);
     }
     let (held, next_expiry): (i64, Option<i64>) = sqlx::query_as(
         "SELECT COUNT(*), MIN(expires_at) FROM usage_leases \

@@ -191,23 +191,7 @@ async fn decide(
     if let Some(idem) = &request.idempotency {
         let earlier = match pending.answered.get(&(idem.scope.clone(), idem.key.clone())) {
             Some((hash, decision)) => Some((hash.clone(), decision.clone())),
-            None => {
-                let stored: Option<(String, String)> =
-                    sqlx::query_as("SELECT request_hash, response FROM idempotency_keys WHERE scope = ?1 AND key = ?2")
-                        .bind(&idem.scope)
-                        .bind(&idem.key)
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .map_err(db_error)?;
-                match stored {
-                    Some((hash, response)) => Some((
-                        hash,
-                        serde_json::from_str(&response)
-                            .map_err(|e| StoreError::Internal(format!("stored answer: {e}")))?,
-                    )),
-                    None => None,
-                }
-            }
+            None => crate::usage::stored_answer(&mut *conn, &idem.scope, &idem.key).await?,
         };
         if let Some((hash, mut decision)) = earlier {
             if hash != idem.request_hash {
