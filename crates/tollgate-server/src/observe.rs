@@ -81,10 +81,7 @@ where
         // The path only: query strings can carry tokens.
         let span = tracing::info_span!("request", method = %method, path = %request.uri().path(), request_id = ?id);
         // The route's future is created here, so `inner` need not be cloned.
-        let future = match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))) {
-            Ok(future) => Some(future),
-            Err(_) => None,
-        };
+        let future = std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))).ok();
         Box::pin(
             async move {
                 let response = match future {
