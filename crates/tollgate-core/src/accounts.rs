@@ -91,6 +91,12 @@ pub struct Subscription {
     pub scheduled_at: Option<Timestamp>,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: Timestamp,
+    /// The provider's id for it (a Stripe `sub_...`); `None` for `manual`.
+    #[serde(default)]
+    pub provider_subscription_id: Option<String>,
+    /// When the provider produced the state stored here: older events are ignored.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub provider_state_at: Option<Timestamp>,
 }
 
 impl Subscription {
@@ -119,6 +125,14 @@ pub enum Scope {
     AccountsWrite,
     #[serde(rename = "ratelimit:check")]
     RatelimitCheck,
+    #[serde(rename = "credits:read")]
+    CreditsRead,
+    /// Spend, grant and refund credits.
+    #[serde(rename = "credits:write")]
+    CreditsWrite,
+    /// Start checkouts and portal sessions for accounts.
+    #[serde(rename = "billing:write")]
+    BillingWrite,
     /// Everything, including the admin API.
     #[serde(rename = "admin:*")]
     Admin,
@@ -130,16 +144,22 @@ str_enum!(Scope {
     AccountsRead => "accounts:read",
     AccountsWrite => "accounts:write",
     RatelimitCheck => "ratelimit:check",
+    CreditsRead => "credits:read",
+    CreditsWrite => "credits:write",
+    BillingWrite => "billing:write",
     Admin => "admin:*",
 });
 
 impl Scope {
-    pub const ALL: [Scope; 6] = [
+    pub const ALL: [Scope; 9] = [
         Scope::UsageRead,
         Scope::UsageWrite,
         Scope::AccountsRead,
         Scope::AccountsWrite,
         Scope::RatelimitCheck,
+        Scope::CreditsRead,
+        Scope::CreditsWrite,
+        Scope::BillingWrite,
         Scope::Admin,
     ];
 }

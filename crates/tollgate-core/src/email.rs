@@ -12,6 +12,8 @@ pub enum EmailTemplate {
     PasswordReset,
     MagicLink,
     ChangeEmail,
+    /// A subscription payment failed; the link leads to where it can be fixed.
+    PaymentFailed,
 }
 
 impl EmailTemplate {
@@ -21,6 +23,7 @@ impl EmailTemplate {
             Self::PasswordReset => "password_reset",
             Self::MagicLink => "magic_link",
             Self::ChangeEmail => "change_email",
+            Self::PaymentFailed => "payment_failed",
         }
     }
 }
@@ -119,6 +122,18 @@ pub fn render(template: EmailTemplate, locale: Locale, link: &str, to: EmailAddr
             "Confirmer la nouvelle adresse",
             "Votre adresse ne change qu'après confirmation. Ce lien expire dans 24 heures.",
         ),
+        (EmailTemplate::PaymentFailed, Locale::En) => (
+            "Your payment failed",
+            "We could not take the payment for your subscription. Your plan stays active while we retry.",
+            "Update your payment method",
+            "If the payment keeps failing, your subscription will be canceled.",
+        ),
+        (EmailTemplate::PaymentFailed, Locale::Fr) => (
+            "Votre paiement a échoué",
+            "Le paiement de votre abonnement n'a pas pu être effectué. Votre offre reste active pendant les nouvelles tentatives.",
+            "Mettre à jour votre moyen de paiement",
+            "Si le paiement échoue encore, votre abonnement sera résilié.",
+        ),
     };
     let text_body = format!("{intro}\n\n{action}: {link}\n\n{outro}\n");
     let link_html = escape_html(link);
@@ -155,6 +170,7 @@ mod tests {
             EmailTemplate::PasswordReset,
             EmailTemplate::MagicLink,
             EmailTemplate::ChangeEmail,
+            EmailTemplate::PaymentFailed,
         ] {
             let en = render(template, Locale::En, "https://x.test/a?token=t&x=1", to.clone(), now);
             let fr = render(template, Locale::Fr, "https://x.test/a?token=t&x=1", to.clone(), now);

@@ -77,6 +77,8 @@ mod tests {
             scheduled_plan: None,
             scheduled_at: None,
             updated_at: now,
+            provider_subscription_id: None,
+            provider_state_at: None,
         }
     }
 

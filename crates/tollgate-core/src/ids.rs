@@ -79,3 +79,11 @@ typed_id!(
     /// A reservation: usage counted before the work, settled after it.
     ReservationId
 );
+typed_id!(
+    /// A credit transfer (one movement of the ledger, two entries).
+    CreditTransferId
+);
+typed_id!(
+    /// A payment reported by a payment provider.
+    PaymentId
+);

@@ -7,6 +7,8 @@
 
 pub mod accounts;
 pub mod audit;
+pub mod billing;
+pub mod credits;
 pub mod email;
 pub mod entitlements;
 pub mod identity;

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::credits::CreditPackage;
 use crate::metering::window::Window;
 use crate::ratelimit::RateLimit;
 
@@ -43,6 +44,10 @@ pub struct Meter {
     /// Concurrency meters: how long a lease lives unless released or renewed.
     #[serde(default)]
     pub lease_seconds: Option<u64>,
+    /// Counters: once a window is spent, each unit costs this many credits instead of
+    /// being denied (while the balance lasts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits_per_unit: Option<i64>,
 }
 
 fn default_deny_status() -> u16 {
@@ -90,6 +95,9 @@ pub struct Price {
     pub currency: String,
     /// `month`, `year` or `one_time`.
     pub period: String,
+    /// The Stripe price to charge (otherwise the amount is sent inline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe_price: Option<String>,
 }
 
 /// A plan after validation.
@@ -109,6 +117,9 @@ pub struct Plan {
     pub visible: bool,
     pub order: i64,
     pub default: bool,
+    /// How far below zero the credit balance may go (0: never).
+    #[serde(default)]
+    pub credits_overdraft: i64,
 }
 
 impl Plan {
@@ -159,6 +170,8 @@ pub struct PlanSpec {
     pub order: i64,
     #[serde(default)]
     pub default: bool,
+    #[serde(default)]
+    pub credits_overdraft: i64,
 }
 
 fn one() -> f64 {
@@ -204,6 +217,8 @@ pub struct PlanFile {
     pub meters: BTreeMap<String, Meter>,
     #[serde(default)]
     pub plans: BTreeMap<String, PlanSpec>,
+    #[serde(default)]
+    pub credit_packages: BTreeMap<String, CreditPackage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -222,6 +237,9 @@ fn err(location: impl Into<String>, problem: impl Into<String>) -> PlanError {
 pub struct Catalog {
     pub meters: BTreeMap<String, Meter>,
     pub plans: BTreeMap<String, Plan>,
+    /// What is sold for credits; not stored (every node reads the same file).
+    #[serde(default, skip)]
+    pub credit_packages: BTreeMap<String, CreditPackage>,
 }
 
 /// Keys are what integrators type in API calls: keep them boring.
@@ -251,8 +269,9 @@ impl Catalog {
             visible: true,
             order: 0,
             default: true,
+            credits_overdraft: 0,
         };
-        Self { meters: BTreeMap::new(), plans: [("free".to_owned(), free)].into() }
+        Self { meters: BTreeMap::new(), plans: [("free".to_owned(), free)].into(), credit_packages: BTreeMap::new() }
     }
 
     /// Validates a whole file; every problem is reported with where it is.
@@ -271,6 +290,11 @@ impl Catalog {
                 (MeterKind::Concurrency, _) => {}
                 (_, Some(_)) => errors.push(err(&at, "lease_seconds is only for concurrency meters")),
                 _ => {}
+            }
+            match (meter.kind, meter.credits_per_unit) {
+                (MeterKind::Counter, Some(c)) if c <= 0 => errors.push(err(&at, "credits_per_unit must be positive")),
+                (MeterKind::Counter, _) | (_, None) => {}
+                (_, Some(_)) => errors.push(err(&at, "credits_per_unit is only for counter meters")),
             }
         }
         let mut plans = BTreeMap::new();
@@ -292,6 +316,9 @@ impl Catalog {
                 if !["month", "year", "one_time"].contains(&price.period.as_str()) {
                     errors.push(err(&at, "price period must be month, year or one_time"));
                 }
+            }
+            if spec.credits_overdraft < 0 {
+                errors.push(err(&at, "credits_overdraft cannot be negative"));
             }
             if !(spec.rate_limit_multiplier.is_finite() && spec.rate_limit_multiplier > 0.0) {
                 errors.push(err(&at, "rate_limit_multiplier must be positive"));
@@ -331,6 +358,7 @@ impl Catalog {
                     visible: spec.visible,
                     order: spec.order,
                     default: spec.default,
+                    credits_overdraft: spec.credits_overdraft,
                 },
             );
         }
@@ -339,11 +367,38 @@ impl Catalog {
             0 => errors.push(err("plans", "exactly one plan must have default = true")),
             _ => errors.push(err("plans", "only one plan may have default = true")),
         }
-        if errors.is_empty() { Ok(Self { meters: file.meters, plans }) } else { Err(errors) }
+        for (key, package) in &file.credit_packages {
+            let at = format!("credit_packages.{key}");
+            if !valid_key(key) {
+                errors.push(err(&at, "keys use a-z, 0-9, _ and - (at most 64)"));
+            }
+            if package.credits <= 0 || package.credits > crate::credits::MAX_CREDIT_AMOUNT {
+                errors.push(err(&at, "credits must be positive"));
+            }
+            if package.amount <= 0 {
+                errors.push(err(&at, "amount must be positive (integer minor units)"));
+            }
+            if package.currency.len() != 3 || !package.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+                errors
+                    .push(err(&at, format!("currency {:?} is not an ISO 4217 code like USD or XOF", package.currency)));
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self { meters: file.meters, plans, credit_packages: file.credit_packages })
+        } else {
+            Err(errors)
+        }
     }
 
     pub fn default_plan(&self) -> &Plan {
         self.plans.values().find(|p| p.default).expect("a validated catalog has a default plan")
+    }
+
+    /// Credit packages in display order.
+    pub fn credit_packages(&self) -> Vec<(&String, &CreditPackage)> {
+        let mut packages: Vec<_> = self.credit_packages.iter().collect();
+        packages.sort_by(|a, b| a.1.order.cmp(&b.1.order).then_with(|| a.0.cmp(b.0)));
+        packages
     }
 
     /// Visible plans in display order.

@@ -8,6 +8,8 @@ use async_trait::async_trait;
 use crate::Timestamp;
 use crate::accounts::{Account, NewExternalAccount, ServiceKey, Subscription};
 use crate::audit::{AuditEvent, AuditQuery};
+use crate::billing::{BillingEffect, BillingOutcome, Payment, ProviderEvent};
+use crate::credits::{CreditBalance, CreditReceipt, CreditTransaction, CreditTransfer, LedgerCheck, TransactionQuery};
 use crate::email::{NewEmail, OutboxEmail};
 use crate::identity::{
     EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
@@ -48,7 +50,7 @@ pub struct Rotation {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: BillingStore + Send + Sync + 'static {
     /// Cheap round trip, for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -65,6 +67,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<User, StoreError>;
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError>;
+
+    /// The user whose personal account this is, if any.
+    async fn user_by_account(&self, account: AccountId) -> Result<Option<User>, StoreError>;
 
     /// Finds a user who is not deleted by (normalised) email.
     async fn user_by_email(&self, email: &EmailAddress) -> Result<Option<User>, StoreError>;
@@ -292,6 +297,68 @@ pub trait Store: Send + Sync + 'static {
         meter: &str,
         keys: &[Vec<String>],
     ) -> Result<Vec<i64>, StoreError>;
+}
+
+/// Credits and billing: the ledger, payments and provider events.
+#[async_trait]
+pub trait BillingStore: Send + Sync {
+    // ---- credits -----------------------------------------------------------------
+
+    /// Writes one ledger transfer: checks the balance rule (a debit may not leave the
+    /// balance under `transfer.floor`; see `credits::allowed_amount`), then the
+    /// transfer, its two entries, the running balance, the idempotency answer and the
+    /// audit event, in one transaction. Concurrent debits never take the balance below
+    /// the floor. `Conflict("insufficient_credits")` when refused,
+    /// `Conflict("idempotency_key")` for a known key with another request, `NotFound`
+    /// for an unknown account. A known key with the same request replays its receipt.
+    async fn transfer_credits(&self, transfer: CreditTransfer) -> Result<CreditReceipt, StoreError>;
+
+    /// Balance and totals (zero for an account that never had credits).
+    async fn credit_balance(&self, account: AccountId) -> Result<CreditBalance, StoreError>;
+
+    /// Transactions of an account, newest first.
+    async fn credit_transactions(
+        &self,
+        account: AccountId,
+        query: TransactionQuery,
+    ) -> Result<Vec<CreditTransaction>, StoreError>;
+
+    /// Checks the whole ledger: every transfer two entries summing to zero, every
+    /// running balance equal to the sum of its account's entries.
+    async fn ledger_check(&self) -> Result<LedgerCheck, StoreError>;
+
+    // ---- billing -------------------------------------------------------------------
+
+    /// The provider's customer id of an account.
+    async fn provider_customer(&self, account: AccountId, provider: &str) -> Result<Option<String>, StoreError>;
+
+    /// Links a provider customer to an account, unless one is linked already; returns
+    /// the linked id (the first one wins when two requests race).
+    async fn link_provider_customer(
+        &self,
+        account: AccountId,
+        provider: &str,
+        customer: &str,
+    ) -> Result<String, StoreError>;
+
+    async fn account_by_provider_customer(
+        &self,
+        provider: &str,
+        customer: &str,
+    ) -> Result<Option<AccountId>, StoreError>;
+
+    /// Records a provider event once per `(provider, id)` and applies its effect in the
+    /// same transaction: a second delivery, even concurrent, is `Duplicate` and does
+    /// nothing. `email` (a payment-failed notice) is queued only when the effect applied.
+    async fn apply_billing_event(
+        &self,
+        event: ProviderEvent,
+        effect: BillingEffect,
+        email: Option<NewEmail>,
+    ) -> Result<BillingOutcome, StoreError>;
+
+    /// Payments, newest first; of one account or all.
+    async fn payments(&self, account: Option<AccountId>, limit: u32) -> Result<Vec<Payment>, StoreError>;
 }
 
 /// One day of one meter's usage.

@@ -17,7 +17,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ApiError, rate_limit_headers};
 use crate::observe::ObserveLayer;
-use crate::routes::{accounts, auth, me, mfa, ops, pages, plans, ratelimit, usage};
+use crate::routes::{accounts, auth, billing, credits, me, mfa, ops, pages, plans, ratelimit, usage};
 use crate::state::AppState;
 
 /// Largest accepted request body.
@@ -36,6 +36,8 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
         (name = "plans", description = "The public price list"),
         (name = "accounts", description = "Customers, subscriptions, entitlements (service key)"),
         (name = "usage", description = "Check and consume quotas: the hot path (service key)"),
+        (name = "credits", description = "Credit packages, balances, spending, grants, payments"),
+        (name = "billing", description = "Stripe checkout, customer portal and webhooks"),
     )
 )]
 struct ApiDoc;
@@ -76,7 +78,11 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(mfa::enable))
         .routes(routes!(mfa::disable))
         .routes(routes!(mfa::regenerate_recovery_codes))
-        .routes(routes!(accounts::my_entitlements));
+        .routes(routes!(accounts::my_entitlements))
+        .routes(routes!(credits::my_balance))
+        .routes(routes!(credits::my_transactions))
+        .routes(routes!(credits::my_spend))
+        .routes(routes!(credits::my_payments));
     let product = OpenApiRouter::new()
         .routes(routes!(plans::list_plans))
         .routes(routes!(accounts::create_account))
@@ -94,7 +100,17 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(usage::reserve))
         .routes(routes!(usage::commit))
         .routes(routes!(usage::release_reservation))
-        .routes(routes!(ratelimit::check));
+        .routes(routes!(ratelimit::check))
+        .routes(routes!(credits::list_packages))
+        .routes(routes!(credits::balance))
+        .routes(routes!(credits::transactions))
+        .routes(routes!(credits::spend))
+        .routes(routes!(credits::grant))
+        .routes(routes!(credits::refund))
+        .routes(routes!(credits::payments))
+        .routes(routes!(billing::checkout))
+        .routes(routes!(billing::portal))
+        .routes(routes!(billing::stripe_webhook));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))

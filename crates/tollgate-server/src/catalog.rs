@@ -110,7 +110,47 @@ mod tests {
             assert!(catalog.plans.len() >= 2, "{}", path.display());
             loaded += 1;
         }
-        assert_eq!(loaded, 4);
+        assert_eq!(loaded, 5);
+        // Seed 001's packs: $15 = 100 credits, and calls past the plan paid in credits.
+        let credits = load_file(&dir.join("credits-api.toml")).unwrap();
+        let starter = &credits.credit_packages["starter"];
+        assert_eq!((starter.credits, starter.amount, starter.currency.as_str()), (100, 1500, "USD"));
+        assert_eq!(credits.credit_packages.len(), 3);
+        assert_eq!(credits.meters["api_calls"].credits_per_unit, Some(1));
+        assert_eq!(credits.plans["pro"].credits_overdraft, 50);
+    }
+
+    #[test]
+    fn credit_settings_are_validated() {
+        let err = parse(
+            r#"
+            [meters.storage]
+            kind = "gauge"
+            credits_per_unit = 2
+            [meters.calls]
+            kind = "counter"
+            credits_per_unit = 0
+            [plans.free]
+            default = true
+            credits_overdraft = -5
+            [credit_packages.bad]
+            credits = 0
+            amount = 0
+            currency = "usd"
+            "#,
+        )
+        .unwrap_err();
+        let text = format!("{err:#}");
+        for expected in [
+            "credits_per_unit is only for counter meters",
+            "credits_per_unit must be positive",
+            "credits_overdraft cannot be negative",
+            "credits must be positive",
+            "amount must be positive",
+            "ISO 4217",
+        ] {
+            assert!(text.contains(expected), "{expected} missing in {text}");
+        }
     }
 
     #[test]

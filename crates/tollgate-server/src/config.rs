@@ -29,7 +29,40 @@ pub struct Config {
     pub plans_file: PathBuf,
     /// Rate-limit state in Redis, shared by every node; `None`: in memory.
     pub redis: Option<RedisConfig>,
+    /// Stripe billing; `None` when neither key is set.
+    pub stripe: Option<StripeConfig>,
 }
+
+#[derive(Clone)]
+pub struct StripeConfig {
+    /// `sk_...`; checkouts, portal sessions and cancellations need it.
+    pub secret_key: Option<String>,
+    /// `whsec_...`; the webhook endpoint refuses every event without it.
+    pub webhook_secret: Option<String>,
+    /// `https://api.stripe.com`, or a local stand-in in tests.
+    pub api_base: String,
+    /// The `Stripe-Version` every request is pinned to.
+    pub api_version: String,
+    /// Origins (`https://app.example.com`) that `success_url`, `cancel_url` and
+    /// `return_url` may point to; empty: any http(s) URL with a host.
+    pub redirect_origins: Vec<String>,
+}
+
+/// Secrets stay out of `{:?}` (configuration is logged at start in debug).
+impl std::fmt::Debug for StripeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeConfig")
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "<redacted>"))
+            .field("webhook_secret", &self.webhook_secret.as_ref().map(|_| "<redacted>"))
+            .field("api_base", &self.api_base)
+            .field("api_version", &self.api_version)
+            .field("redirect_origins", &self.redirect_origins)
+            .finish()
+    }
+}
+
+/// The Stripe API version Tollgate's requests and event parsing are written for.
+pub const STRIPE_API_VERSION: &str = "2026-09-30.endive";
 
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
@@ -84,6 +117,25 @@ struct FileConfig {
     auth: FileAuth,
     redis: Option<FileRedis>,
     smtp: Option<FileSmtp>,
+    stripe: Option<FileStripe>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStripe {
+    secret_key: Option<String>,
+    webhook_secret: Option<String>,
+    api_base: Option<String>,
+    api_version: Option<String>,
+    /// Origins checkout and portal redirects may go to (any when empty).
+    #[serde(default)]
+    redirect_origins: Vec<String>,
+}
+
+impl std::fmt::Debug for FileStripe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStripe").field("api_base", &self.api_base).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -279,6 +331,38 @@ impl Config {
                 })
             }
         };
+        let file_stripe = file.stripe.unwrap_or_default();
+        let secret_key = env("TOLLGATE_STRIPE_SECRET_KEY").or(file_stripe.secret_key).filter(|k| !k.is_empty());
+        let webhook_secret =
+            env("TOLLGATE_STRIPE_WEBHOOK_SECRET").or(file_stripe.webhook_secret).filter(|k| !k.is_empty());
+        let stripe = if secret_key.is_some() || webhook_secret.is_some() {
+            let api_base = env("TOLLGATE_STRIPE_API_BASE")
+                .or(file_stripe.api_base)
+                .unwrap_or_else(|| "https://api.stripe.com".into())
+                .trim_end_matches('/')
+                .to_owned();
+            if !(api_base.starts_with("https://") || api_base.starts_with("http://")) {
+                bail!("TOLLGATE_STRIPE_API_BASE must be an http(s) URL");
+            }
+            Some(StripeConfig {
+                secret_key,
+                webhook_secret,
+                api_base,
+                api_version: env("TOLLGATE_STRIPE_API_VERSION")
+                    .or(file_stripe.api_version)
+                    .unwrap_or_else(|| STRIPE_API_VERSION.into()),
+                redirect_origins: match env("TOLLGATE_BILLING_REDIRECT_ORIGINS") {
+                    Some(list) => list
+                        .split(',')
+                        .map(|o| o.trim().trim_end_matches('/').to_owned())
+                        .filter(|o| !o.is_empty())
+                        .collect(),
+                    None => file_stripe.redirect_origins,
+                },
+            })
+        } else {
+            None
+        };
         Ok(Self {
             listen,
             data_dir,
@@ -290,6 +374,7 @@ impl Config {
             signing_key_file,
             plans_file,
             redis,
+            stripe,
         })
     }
 }

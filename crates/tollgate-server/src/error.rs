@@ -74,6 +74,22 @@ pub enum ApiError {
     RateLimited { retry_after: Duration, limit: u32, reset_after: Duration },
     #[error("the resource kept changing under this request; try again")]
     ConcurrentChange,
+    #[error("not enough credits")]
+    InsufficientCredits { balance: i64, requested: i64 },
+    #[error("no credit package named {0:?}")]
+    UnknownCreditPackage(String),
+    #[error("billing with {0} is not configured on this server")]
+    BillingNotConfigured(&'static str),
+    #[error("{0}")]
+    BillingUnsupported(&'static str),
+    #[error("the payment provider could not be reached; try again")]
+    PaymentProviderUnavailable(String),
+    #[error("the payment provider refused the request")]
+    PaymentProviderRefused(String),
+    #[error("webhook signature verification failed")]
+    InvalidSignature,
+    #[error("webhook payload is not a valid event")]
+    InvalidWebhookPayload,
     #[error("service unavailable")]
     Unavailable(String),
     #[error("internal error")]
@@ -128,6 +144,14 @@ impl ApiError {
             UnsupportedMeter(_) => ("unsupported_meter_kind", StatusCode::UNPROCESSABLE_ENTITY),
             RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
             ConcurrentChange => ("concurrent_change", StatusCode::CONFLICT),
+            InsufficientCredits { .. } => ("insufficient_credits", StatusCode::PAYMENT_REQUIRED),
+            UnknownCreditPackage(_) => ("unknown_credit_package", StatusCode::UNPROCESSABLE_ENTITY),
+            BillingNotConfigured(_) => ("billing_not_configured", StatusCode::SERVICE_UNAVAILABLE),
+            BillingUnsupported(_) => ("billing_unsupported", StatusCode::UNPROCESSABLE_ENTITY),
+            PaymentProviderUnavailable(_) => ("payment_provider_unavailable", StatusCode::BAD_GATEWAY),
+            PaymentProviderRefused(_) => ("payment_provider_error", StatusCode::BAD_GATEWAY),
+            InvalidSignature => ("invalid_signature", StatusCode::BAD_REQUEST),
+            InvalidWebhookPayload => ("invalid_payload", StatusCode::BAD_REQUEST),
             Unavailable(_) => ("service_unavailable", StatusCode::SERVICE_UNAVAILABLE),
             Internal(_) => ("internal_error", StatusCode::INTERNAL_SERVER_ERROR),
         }
@@ -144,6 +168,9 @@ impl ApiError {
                 Some(serde_json::json!({ "fields": fields }))
             }
             ApiError::MalformedJson(reason) => Some(serde_json::json!({ "reason": reason })),
+            ApiError::InsufficientCredits { balance, requested } => {
+                Some(serde_json::json!({ "balance": balance, "requested": requested }))
+            }
             ApiError::RateLimited { retry_after, .. } => {
                 Some(serde_json::json!({ "retry_after_seconds": ceil_secs(*retry_after) }))
             }
@@ -180,8 +207,10 @@ impl IntoResponse for ApiError {
                 tracing::error!(error.source = %source, "internal error");
                 self.to_string()
             }
-            ApiError::Unavailable(source) => {
-                tracing::warn!(error.source = %source, "dependency unavailable");
+            ApiError::Unavailable(source)
+            | ApiError::PaymentProviderUnavailable(source)
+            | ApiError::PaymentProviderRefused(source) => {
+                tracing::warn!(error.source = %source, "dependency unavailable or refused");
                 self.to_string()
             }
             other => other.to_string(),
@@ -201,6 +230,12 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => ApiError::NotFound,
             StoreError::Conflict("users_email") => ApiError::EmailTaken,
             StoreError::Conflict("subscription_changed") => ApiError::ConcurrentChange,
+            StoreError::Conflict("idempotency_key") => ApiError::IdempotencyKeyReused,
+            StoreError::Conflict("credits_overflow") => ApiError::Validation(vec![FieldError {
+                field: "amount",
+                code: "too_large",
+                message: "the balance would overflow".into(),
+            }]),
             StoreError::Unavailable(s) => ApiError::Unavailable(s),
             other => ApiError::Internal(other.to_string()),
         }

@@ -152,3 +152,48 @@ where
         Ok(CurrentUser { user, session, claims })
     }
 }
+
+/// A query string: a parameter of the wrong type is a 422 `invalid_body` in the usual
+/// error shape (axum's own rejection is plain text).
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        parse_query(query).map(ApiQuery)
+    }
+}
+
+fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    axum::extract::Query::<T>::try_from_uri(&format!("/?{query}").parse().map_err(|_| ApiError::InvalidBody {
+        fields: [("query".to_owned(), "not a valid query string".to_owned())].into(),
+    })?)
+    .map(|q| q.0)
+    .map_err(|e| ApiError::InvalidBody { fields: [("query".to_owned(), e.body_text())].into() })
+}
+
+/// Who calls a route open to both kinds of caller: a signed-in user, acting on their
+/// own account, or a product's backend with a service key, acting on any account.
+/// A `tg_sk_` bearer is a service key; anything else must be an access token.
+pub enum Caller {
+    User(Box<CurrentUser>),
+    Service(crate::service_key::Service),
+}
+
+impl<S> FromRequestParts<S> for Caller
+where
+    S: Send + Sync,
+    AppState: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        if bearer(parts).is_some_and(|t| t.starts_with(crate::service_key::PREFIX)) {
+            Ok(Caller::Service(crate::service_key::Service::from_request_parts(parts, state).await?))
+        } else {
+            Ok(Caller::User(Box::new(CurrentUser::from_request_parts(parts, state).await?)))
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod access_token;
 pub mod app;
+pub mod billing;
 pub mod catalog;
 pub mod config;
 pub mod error;

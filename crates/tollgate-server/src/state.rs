@@ -39,5 +39,6 @@ pub struct Shared {
     pub catalog: SharedCatalog,
     pub quotas: Quotas,
     pub service_keys: Arc<KeyCache>,
+    pub billing: crate::billing::Billing,
     pub config: Arc<Config>,
 }

@@ -7,8 +7,10 @@
 //! TOTP steps, recovery codes, outbox claims) rely on conditional UPDATEs and row
 //! locks rather than on a single writer, see `store.rs`; usage counters, idempotency
 //! keys and the plans catalog, see `usage.rs`; plain consumes are committed in
-//! batches, see `usage_batch.rs`.
+//! batches, see `usage_batch.rs`; the credits ledger, provider events and payments
+//! (balance, subscription and payment row locks), see `billing.rs`.
 
+mod billing;
 mod migrations;
 mod read_cache;
 mod rows;
@@ -317,7 +319,7 @@ mod conformance {
     async fn first_migration_reports_what_it_applied() {
         let Some(database) = TestDatabase::create_empty().await else { return };
         let store = PgStore::connect(&database.url).await.unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7]);
         store.close().await;
         database.drop().await;
     }

@@ -139,6 +139,8 @@ mod tests {
             scheduled_plan: None,
             scheduled_at: None,
             updated_at: at,
+            provider_subscription_id: None,
+            provider_state_at: None,
         }
     }
 

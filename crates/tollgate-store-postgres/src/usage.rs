@@ -21,7 +21,8 @@ use time::UtcOffset;
 use tollgate_core::accounts::{
     Account, AccountKind, NewExternalAccount, Scope, ServiceKey, Subscription, SubscriptionStatus,
 };
-use tollgate_core::audit::AuditEvent;
+use tollgate_core::audit::{Actor, AuditEvent};
+use tollgate_core::credits::{CreditKind, CreditTransfer};
 use tollgate_core::identity::TokenDigest;
 use tollgate_core::ids::{AccountId, LeaseId, ReservationId, ServiceKeyId, UsageEventId};
 use tollgate_core::metering::{
@@ -166,7 +167,8 @@ pub(crate) async fn stored_catalog(store: &PgStore) -> Result<Option<Catalog>, S
     if rows.is_empty() {
         return Ok(None);
     }
-    let mut catalog = Catalog { meters: Default::default(), plans: Default::default() };
+    let mut catalog =
+        Catalog { meters: Default::default(), plans: Default::default(), credit_packages: Default::default() };
     for (is_meter, key, Json(definition)) in rows {
         if is_meter {
             catalog.meters.insert(key, serde_json::from_value::<Meter>(definition).map_err(json_err)?);
@@ -264,15 +266,33 @@ pub(crate) async fn subscription(store: &PgStore, account: AccountId) -> Result<
     Ok(found)
 }
 
+macro_rules! subscription_columns {
+    () => {
+        "plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, scheduled_plan, scheduled_at, \
+         updated_at, provider_subscription_id, provider_state_at"
+    };
+}
+
 async fn subscription_row(store: &PgStore, account: AccountId) -> Result<Option<Subscription>, StoreError> {
-    let row = sqlx::query(
-        "SELECT plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, scheduled_plan, scheduled_at, \
-           updated_at FROM subscriptions WHERE account_id = $1",
-    )
-    .bind(account.0)
-    .fetch_optional(&store.pool)
-    .await
-    .map_err(db_error)?;
+    let mut conn = store.pool.acquire().await.map_err(db_error)?;
+    subscription_in(&mut conn, account, false).await
+}
+
+/// The account's subscription as this connection (maybe inside a transaction) sees
+/// it; with `lock`, the row is locked (`FOR UPDATE`) until the transaction ends, so a
+/// read-decide-write cannot interleave with another writer of the row (who waits,
+/// then re-reads it as committed).
+pub(crate) async fn subscription_in(
+    conn: &mut PgConnection,
+    account: AccountId,
+    lock: bool,
+) -> Result<Option<Subscription>, StoreError> {
+    let sql = if lock {
+        concat!("SELECT ", subscription_columns!(), " FROM subscriptions WHERE account_id = $1 FOR UPDATE")
+    } else {
+        concat!("SELECT ", subscription_columns!(), " FROM subscriptions WHERE account_id = $1")
+    };
+    let row = sqlx::query(sql).bind(account.0).fetch_optional(&mut *conn).await.map_err(db_error)?;
     let Some(row) = row else { return Ok(None) };
     let status: String = get(&row, "status")?;
     Ok(Some(Subscription {
@@ -286,27 +306,33 @@ async fn subscription_row(store: &PgStore, account: AccountId) -> Result<Option<
         scheduled_plan: get(&row, "scheduled_plan")?,
         scheduled_at: get(&row, "scheduled_at")?,
         updated_at: get(&row, "updated_at")?,
+        provider_subscription_id: get(&row, "provider_subscription_id")?,
+        provider_state_at: get(&row, "provider_state_at")?,
     }))
 }
 
-pub(crate) async fn put_subscription(
-    store: &PgStore,
-    s: Subscription,
+/// Writes the account's subscription if the stored one still has version `previous`
+/// (`updated_at`; `None`: there is none); false when it changed meanwhile. An unknown
+/// account fails the foreign key: `NotFound` (see `db_error`).
+///
+/// A concurrent writer of the same row waits on its lock, then sees the new version.
+/// When the write is refused because of a conflicting row, that row is locked all the
+/// same (`ON CONFLICT DO UPDATE` locks the rows it skips), so a caller may read it
+/// again and decide anew.
+pub(crate) async fn write_subscription(
+    conn: &mut PgConnection,
+    s: &Subscription,
     previous: Option<Timestamp>,
-    audit: AuditEvent,
-) -> Result<(), StoreError> {
-    let mut tx = store.pool.begin().await.map_err(db_error)?;
-    // An unknown account fails the foreign key: `NotFound` (see `db_error`). The
-    // update applies only to the version the change was computed from (a concurrent
-    // writer of the same row waits on its lock, then sees the new version).
+) -> Result<bool, StoreError> {
     let written = sqlx::query(
         "INSERT INTO subscriptions (account_id, plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, \
-           scheduled_plan, scheduled_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10, $8) \
+           scheduled_plan, scheduled_at, updated_at, provider_subscription_id, provider_state_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10, $8, $12, $13) \
          ON CONFLICT (account_id) DO UPDATE SET plan_key = excluded.plan_key, status = excluded.status, \
            provider = excluded.provider, started_at = excluded.started_at, trial_ends_at = excluded.trial_ends_at, \
            cancel_at_period_end = excluded.cancel_at_period_end, scheduled_plan = excluded.scheduled_plan, \
-           scheduled_at = excluded.scheduled_at, updated_at = excluded.updated_at \
+           scheduled_at = excluded.scheduled_at, updated_at = excluded.updated_at, \
+           provider_subscription_id = excluded.provider_subscription_id, provider_state_at = excluded.provider_state_at \
          WHERE subscriptions.updated_at IS NOT DISTINCT FROM $11",
     )
     .bind(s.account_id.0)
@@ -320,10 +346,23 @@ pub(crate) async fn put_subscription(
     .bind(&s.scheduled_plan)
     .bind(s.scheduled_at)
     .bind(previous)
-    .execute(&mut *tx)
+    .bind(&s.provider_subscription_id)
+    .bind(s.provider_state_at)
+    .execute(&mut *conn)
     .await
     .map_err(db_error)?;
-    if written.rows_affected() == 0 {
+    Ok(written.rows_affected() > 0)
+}
+
+pub(crate) async fn put_subscription(
+    store: &PgStore,
+    s: Subscription,
+    previous: Option<Timestamp>,
+    audit: AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = store.pool.begin().await.map_err(db_error)?;
+    // The update applies only to the version the change was computed from.
+    if !write_subscription(&mut tx, &s, previous).await? {
         // Possibly computed from this node's cached copy: the retry reads the row.
         store.cache.forget_subscription(s.account_id);
         return Err(StoreError::Conflict("subscription_changed"));
@@ -486,7 +525,7 @@ async fn claim_idempotency_key(
 }
 
 /// [`claim_idempotency_key`] for any kind of answer: the stored answer as JSON.
-async fn claim_idempotency_key_raw(
+pub(crate) async fn claim_idempotency_key_raw(
     conn: &mut PgConnection,
     idem: &Idempotency,
     now: Timestamp,
@@ -554,9 +593,24 @@ pub(crate) async fn consume_alone(store: &PgStore, request: UsageRequest) -> Res
         // Reads as things stand, locks nothing, writes nothing. Dry runs are only
         // ever consumes, so the consume rule is the whole rule here.
         let used = counter_values(store, request.account, &request.meter, &keys).await?;
-        let (allowed, denied_by) = metering::decide(&request.windows, &used, request.amount);
+        let (mut allowed, mut denied_by) = metering::decide(&request.windows, &used, request.amount);
         let windows = request.windows.iter().zip(&used).map(|(w, u)| WindowState::new(w, *u)).collect();
-        return Ok(UsageDecision { allowed, windows, denied_by, replayed: false });
+        // A meter funded by credits: would the balance pay for it?
+        let mut credits_charged = 0;
+        if let Some((funding, cost)) = metering::CreditFunding::applies(&request, allowed) {
+            let balance = crate::billing::credit_balance(store, request.account).await?.balance;
+            if tollgate_core::credits::allowed_amount(
+                balance,
+                -cost,
+                funding.floor,
+                tollgate_core::credits::Shortfall::Refuse,
+            )
+            .is_some()
+            {
+                (allowed, denied_by, credits_charged) = (true, None, cost);
+            }
+        }
+        return Ok(UsageDecision { allowed, windows, denied_by, replayed: false, credits_charged });
     }
     let mut tx = store.pool.begin().await.map_err(db_error)?;
     // The key first, before any other lock: a duplicate waiting on it holds nothing.
@@ -588,9 +642,33 @@ pub(crate) async fn consume_alone(store: &PgStore, request: UsageRequest) -> Res
         }
     }
     let used = window_usage(&mut tx, request.account, &request.meter, &keys).await?;
-    let applied = metering::apply(request.op, &request.windows, &used, request.amount);
+    let mut applied = metering::apply(request.op, &request.windows, &used, request.amount);
+    // Spent windows, but the meter draws on credits: pay in this transaction (under the
+    // meter's lock, then the balance row's: the same order as every other transfer).
+    let mut credits_charged = 0;
+    if let Some((funding, cost)) = metering::CreditFunding::applies(&request, applied.allowed) {
+        let mut payment = CreditTransfer::new(request.account, CreditKind::Usage, -cost, Actor::System, request.now);
+        payment.floor = funding.floor;
+        payment.description = Some(format!("{} × {}", request.amount, request.meter));
+        payment.endpoint = request.context.endpoint.clone();
+        payment.metadata = Some(serde_json::json!({ "meter": request.meter, "amount": request.amount }));
+        match crate::billing::transfer_in(&mut tx, &payment).await {
+            Ok(_) => {
+                applied.paid_with_credits();
+                credits_charged = cost;
+            }
+            Err(StoreError::Conflict("insufficient_credits")) => {}
+            Err(e) => return Err(e),
+        }
+    }
     let windows = request.windows.iter().zip(&applied.after).map(|(w, u)| WindowState::new(w, *u)).collect();
-    let decision = UsageDecision { allowed: applied.allowed, windows, denied_by: applied.denied_by, replayed: false };
+    let decision = UsageDecision {
+        allowed: applied.allowed,
+        windows,
+        denied_by: applied.denied_by,
+        replayed: false,
+        credits_charged,
+    };
     let (outcome, event_amount) = applied.event(request.op, request.amount);
 
     // Each window adds its delta to its increment row (summed if two windows share
@@ -607,7 +685,11 @@ pub(crate) async fn consume_alone(store: &PgStore, request: UsageRequest) -> Res
         .unzip();
     // Net change of the first window (consumes add, refunds and lowered gauges
     // subtract) when allowed; one denial otherwise.
-    let (consumed, denied) = if applied.allowed { (applied.deltas.first().copied().unwrap_or(0), 0) } else { (0, 1) };
+    let (consumed, denied) = match (applied.allowed, credits_charged > 0) {
+        (true, true) => (request.amount, 0),
+        (true, false) => (applied.deltas.first().copied().unwrap_or(0), 0),
+        (false, _) => (0, 1),
+    };
     // One statement for every write, to hold the lock for as few round trips as
     // possible. An unknown account fails a foreign key: `NotFound`.
     let answered: i64 = sqlx::query_scalar(

@@ -83,7 +83,12 @@ impl UsageBatcher {
 /// with a NUL character fails its statement, and in a batch that would fail every
 /// consume of the batch; such a request keeps its own transaction (and its error).
 pub(crate) fn is_batchable(request: &UsageRequest) -> bool {
-    request.idempotency.is_none() && request.reservation.is_none() && !request.dry_run && !has_nul(request)
+    // Meters funded by credits pay inside their own transaction (`consume_alone`).
+    request.idempotency.is_none()
+        && request.reservation.is_none()
+        && request.credits.is_none()
+        && !request.dry_run
+        && !has_nul(request)
 }
 
 fn has_nul(request: &UsageRequest) -> bool {
@@ -336,7 +341,13 @@ impl<'a> Batch<'a> {
             *denied += 1;
         }
         let windows = request.windows.iter().zip(&applied.after).map(|(w, u)| WindowState::new(w, *u)).collect();
-        UsageDecision { allowed: applied.allowed, windows, denied_by: applied.denied_by, replayed: false }
+        UsageDecision {
+            allowed: applied.allowed,
+            windows,
+            denied_by: applied.denied_by,
+            replayed: false,
+            credits_charged: 0,
+        }
     }
 
     /// Writes the batch in one statement. Counter rows get their new value outright:
@@ -444,6 +455,7 @@ mod tests {
             context: EventContext { endpoint: Some("/chat".into()), metadata: None, ip: Some("10.0.0.1".into()) },
             now,
             reservation: None,
+            credits: None,
         }
     }
 

@@ -111,6 +111,7 @@ mod tests {
             context: EventContext::default(),
             now,
             reservation: None,
+            credits: None,
         };
         // One consume at a time: one commit each, at least one 4 KiB frame each.
         // Enough of them that a WAL holding them all would be twice the bound.
@@ -121,7 +122,7 @@ mod tests {
         while commits * 4096 < 2 * bound && started.elapsed() < std::time::Duration::from_secs(60) {
             store.consume_usage(request()).await.unwrap();
             commits += 1;
-            if commits % 100 == 0 {
+            if commits.is_multiple_of(100) {
                 let wal = std::fs::metadata(dir.path().join("t.db-wal")).map(|m| m.len()).unwrap_or(0);
                 largest = largest.max(wal);
             }

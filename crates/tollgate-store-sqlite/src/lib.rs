@@ -5,6 +5,7 @@
 //! `SQLITE_BUSY` lock upgrades (the classic "database is locked"). WAL lets readers
 //! run alongside the writer.
 
+mod billing;
 mod checkpointer;
 mod migrations;
 mod read_cache;
@@ -148,7 +149,7 @@ mod conformance {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let store = SqliteStore::connect(&url).await.unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7]);
         assert!(store.migrate().await.unwrap().is_empty());
     }
 }

@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, "subscription_changes", include_str!("../migrations/0004_subscription_changes.sql")),
     (5, "usage_reservations", include_str!("../migrations/0005_usage_reservations.sql")),
     (6, "usage_events_unindexed_id", include_str!("../migrations/0006_usage_events_unindexed_id.sql")),
+    (7, "credits_billing", include_str!("../migrations/0007_credits_billing.sql")),
 ];
 
 #[derive(Debug)]

@@ -6,6 +6,10 @@ use sqlx::sqlite::{Sqlite, SqliteConnection};
 use sqlx::{QueryBuilder, Row};
 use tollgate_core::accounts::{Account, NewExternalAccount, ServiceKey, Subscription};
 use tollgate_core::audit::{AuditEvent, AuditQuery};
+use tollgate_core::billing::{BillingEffect, BillingOutcome, Payment, ProviderEvent};
+use tollgate_core::credits::{
+    CreditBalance, CreditReceipt, CreditTransaction, CreditTransfer, LedgerCheck, TransactionQuery,
+};
 use tollgate_core::email::{EmailStatus, NewEmail, OutboxEmail};
 use tollgate_core::identity::{
     EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
@@ -15,12 +19,12 @@ use tollgate_core::ids::{AccountId, LeaseId, ReservationId};
 use tollgate_core::ids::{EmailId, SessionId, UserId};
 use tollgate_core::metering::{LeaseDecision, LeaseRequest, Reservation, UsageDecision, UsageRequest};
 use tollgate_core::plans::Catalog;
-use tollgate_core::store::{CatalogChanges, DailyUsage, EmailOutcome, NewOneTimeToken, Rotation};
+use tollgate_core::store::{BillingStore, CatalogChanges, DailyUsage, EmailOutcome, NewOneTimeToken, Rotation};
 use tollgate_core::{Store, StoreError, Timestamp};
 use uuid::Uuid;
 
 use crate::rows::{self, micros};
-use crate::{SqliteStore, db_error, usage};
+use crate::{SqliteStore, billing, db_error, usage};
 
 pub(crate) async fn insert_audit(conn: &mut SqliteConnection, e: &AuditEvent) -> Result<(), StoreError> {
     sqlx::query(
@@ -61,7 +65,7 @@ async fn insert_token(conn: &mut SqliteConnection, t: &OneTimeToken) -> Result<(
     Ok(())
 }
 
-async fn insert_email(conn: &mut SqliteConnection, e: &NewEmail) -> Result<(), StoreError> {
+pub(crate) async fn insert_email(conn: &mut SqliteConnection, e: &NewEmail) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO email_outbox (id, to_address, template, subject, text_body, html_body, status, next_attempt_at, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7)",
@@ -242,6 +246,63 @@ fn with_target(mut audit: AuditEvent, user: UserId) -> AuditEvent {
 }
 
 #[async_trait]
+impl BillingStore for SqliteStore {
+    async fn transfer_credits(&self, transfer: CreditTransfer) -> Result<CreditReceipt, StoreError> {
+        billing::transfer_credits(self, transfer).await
+    }
+
+    async fn credit_balance(&self, account: AccountId) -> Result<CreditBalance, StoreError> {
+        billing::credit_balance(self, account).await
+    }
+
+    async fn credit_transactions(
+        &self,
+        account: AccountId,
+        query: TransactionQuery,
+    ) -> Result<Vec<CreditTransaction>, StoreError> {
+        billing::credit_transactions(self, account, query).await
+    }
+
+    async fn ledger_check(&self) -> Result<LedgerCheck, StoreError> {
+        billing::ledger_check(self).await
+    }
+
+    async fn provider_customer(&self, account: AccountId, provider: &str) -> Result<Option<String>, StoreError> {
+        billing::provider_customer(self, account, provider).await
+    }
+
+    async fn link_provider_customer(
+        &self,
+        account: AccountId,
+        provider: &str,
+        customer: &str,
+    ) -> Result<String, StoreError> {
+        billing::link_provider_customer(self, account, provider, customer).await
+    }
+
+    async fn account_by_provider_customer(
+        &self,
+        provider: &str,
+        customer: &str,
+    ) -> Result<Option<AccountId>, StoreError> {
+        billing::account_by_provider_customer(self, provider, customer).await
+    }
+
+    async fn apply_billing_event(
+        &self,
+        event: ProviderEvent,
+        effect: BillingEffect,
+        email: Option<NewEmail>,
+    ) -> Result<BillingOutcome, StoreError> {
+        billing::apply_billing_event(self, event, effect, email).await
+    }
+
+    async fn payments(&self, account: Option<AccountId>, limit: u32) -> Result<Vec<Payment>, StoreError> {
+        billing::payments(self, account, limit).await
+    }
+}
+
+#[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reader).await.map_err(db_error)?;
@@ -268,6 +329,15 @@ impl Store for SqliteStore {
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
         let mut conn = self.reader.acquire().await.map_err(db_error)?;
         fetch_user(&mut conn, id).await
+    }
+
+    async fn user_by_account(&self, account: AccountId) -> Result<Option<User>, StoreError> {
+        let row = sqlx::query(concat!("SELECT ", rows::user_columns!(), " FROM users WHERE account_id = ?1"))
+            .bind(account.0)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(rows::user).transpose()
     }
 
     async fn user_by_email(&self, email: &EmailAddress) -> Result<Option<User>, StoreError> {

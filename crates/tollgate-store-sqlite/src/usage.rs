@@ -144,7 +144,7 @@ pub(crate) async fn stored_catalog(store: &SqliteStore) -> Result<Option<Catalog
         .into_iter()
         .map(|(k, d)| Ok((k, serde_json::from_str::<Plan>(&d).map_err(json_err)?)))
         .collect::<Result<_, StoreError>>()?;
-    Ok(Some(Catalog { meters, plans }))
+    Ok(Some(Catalog { meters, plans, credit_packages: Default::default() }))
 }
 
 macro_rules! account_columns {
@@ -235,53 +235,68 @@ pub(crate) async fn subscription(store: &SqliteStore, account: AccountId) -> Res
         return Ok(cached);
     }
     let seen = store.cache.subscription_generation();
-    let row = sqlx::query(
-        "SELECT plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, scheduled_plan, scheduled_at, \
-           updated_at FROM subscriptions WHERE account_id = ?1",
-    )
-    .bind(account.0)
-    .fetch_optional(&store.reader)
-    .await
-    .map_err(db_error)?;
-    let Some(row) = row else {
+    let mut conn = store.reader.acquire().await.map_err(db_error)?;
+    let subscription = subscription_in(&mut conn, account).await?;
+    let Some(subscription) = subscription else {
         store.cache.fill_subscription(account, None, seen);
         return Ok(None);
-    };
-    let status: String = row.try_get("status").map_err(db_error)?;
-    let trial: Option<i64> = row.try_get("trial_ends_at").map_err(db_error)?;
-    let subscription = Subscription {
-        account_id: account,
-        plan: row.try_get("plan_key").map_err(db_error)?,
-        status: SubscriptionStatus::parse(&status).ok_or_else(|| StoreError::Internal(format!("status {status:?}")))?,
-        provider: row.try_get("provider").map_err(db_error)?,
-        started_at: from_micros(row.try_get("started_at").map_err(db_error)?)?,
-        trial_ends_at: trial.map(from_micros).transpose()?,
-        cancel_at_period_end: row.try_get("cancel_at_period_end").map_err(db_error)?,
-        scheduled_plan: row.try_get("scheduled_plan").map_err(db_error)?,
-        scheduled_at: row.try_get::<Option<i64>, _>("scheduled_at").map_err(db_error)?.map(from_micros).transpose()?,
-        updated_at: from_micros(row.try_get("updated_at").map_err(db_error)?)?,
     };
     store.cache.fill_subscription(account, Some(subscription.clone()), seen);
     Ok(Some(subscription))
 }
 
-pub(crate) async fn put_subscription(
-    store: &SqliteStore,
-    s: Subscription,
+/// The account's subscription as this connection (maybe inside a transaction) sees it.
+pub(crate) async fn subscription_in(
+    conn: &mut SqliteConnection,
+    account: AccountId,
+) -> Result<Option<Subscription>, StoreError> {
+    let row = sqlx::query(
+        "SELECT plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, scheduled_plan, scheduled_at, \
+           updated_at, provider_subscription_id, provider_state_at FROM subscriptions WHERE account_id = ?1",
+    )
+    .bind(account.0)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let Some(row) = row else { return Ok(None) };
+    let status: String = row.try_get("status").map_err(db_error)?;
+    let optional_time = |column: &str| -> Result<Option<Timestamp>, StoreError> {
+        row.try_get::<Option<i64>, _>(column).map_err(db_error)?.map(from_micros).transpose()
+    };
+    Ok(Some(Subscription {
+        account_id: account,
+        plan: row.try_get("plan_key").map_err(db_error)?,
+        status: SubscriptionStatus::parse(&status).ok_or_else(|| StoreError::Internal(format!("status {status:?}")))?,
+        provider: row.try_get("provider").map_err(db_error)?,
+        started_at: from_micros(row.try_get("started_at").map_err(db_error)?)?,
+        trial_ends_at: optional_time("trial_ends_at")?,
+        cancel_at_period_end: row.try_get("cancel_at_period_end").map_err(db_error)?,
+        scheduled_plan: row.try_get("scheduled_plan").map_err(db_error)?,
+        scheduled_at: optional_time("scheduled_at")?,
+        updated_at: from_micros(row.try_get("updated_at").map_err(db_error)?)?,
+        provider_subscription_id: row.try_get("provider_subscription_id").map_err(db_error)?,
+        provider_state_at: optional_time("provider_state_at")?,
+    }))
+}
+
+/// Writes the account's subscription if the stored one still has version `previous`
+/// (`updated_at`; `None`: there is none); false when it changed meanwhile.
+pub(crate) async fn write_subscription(
+    conn: &mut SqliteConnection,
+    s: &Subscription,
     previous: Option<Timestamp>,
-    audit: AuditEvent,
-) -> Result<(), StoreError> {
-    let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+) -> Result<bool, StoreError> {
     // The update applies only to the version the change was computed from; with no
     // previous version, `IS NULL` never matches an existing row.
     let written = sqlx::query(
         "INSERT INTO subscriptions (account_id, plan_key, status, provider, started_at, trial_ends_at, cancel_at_period_end, \
-           scheduled_plan, scheduled_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9, ?10, ?8) \
+           scheduled_plan, scheduled_at, updated_at, provider_subscription_id, provider_state_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9, ?10, ?8, ?12, ?13) \
          ON CONFLICT (account_id) DO UPDATE SET plan_key = excluded.plan_key, status = excluded.status, \
            provider = excluded.provider, started_at = excluded.started_at, trial_ends_at = excluded.trial_ends_at, \
            cancel_at_period_end = excluded.cancel_at_period_end, scheduled_plan = excluded.scheduled_plan, \
-           scheduled_at = excluded.scheduled_at, updated_at = excluded.updated_at \
+           scheduled_at = excluded.scheduled_at, updated_at = excluded.updated_at, \
+           provider_subscription_id = excluded.provider_subscription_id, provider_state_at = excluded.provider_state_at \
          WHERE subscriptions.updated_at IS ?11",
     )
     .bind(s.account_id.0)
@@ -295,10 +310,22 @@ pub(crate) async fn put_subscription(
     .bind(&s.scheduled_plan)
     .bind(s.scheduled_at.map(micros))
     .bind(previous.map(micros))
-    .execute(&mut *tx)
+    .bind(&s.provider_subscription_id)
+    .bind(s.provider_state_at.map(micros))
+    .execute(&mut *conn)
     .await
     .map_err(db_error)?;
-    if written.rows_affected() == 0 {
+    Ok(written.rows_affected() > 0)
+}
+
+pub(crate) async fn put_subscription(
+    store: &SqliteStore,
+    s: Subscription,
+    previous: Option<Timestamp>,
+    audit: AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    if !write_subscription(&mut tx, &s, previous).await? {
         return Err(StoreError::Conflict("subscription_changed"));
     }
     insert_audit(&mut tx, &audit).await?;
@@ -425,9 +452,24 @@ pub(crate) async fn consume_usage(store: &SqliteStore, request: UsageRequest) ->
     }
     let keys: Vec<Vec<String>> = request.windows.iter().map(|w| w.count_keys.clone()).collect();
     let used = counter_values(store, request.account, &request.meter, &keys).await?;
-    let (allowed, denied_by) = metering::decide(&request.windows, &used, request.amount);
+    let (mut allowed, mut denied_by) = metering::decide(&request.windows, &used, request.amount);
     let windows = request.windows.iter().zip(&used).map(|(w, u)| WindowState::new(w, *u)).collect();
-    Ok(UsageDecision { allowed, windows, denied_by, replayed: false })
+    // A meter funded by credits: would the balance pay for it?
+    let mut credits_charged = 0;
+    if let Some((funding, cost)) = metering::CreditFunding::applies(&request, allowed) {
+        let balance = crate::billing::credit_balance(store, request.account).await?.balance;
+        if tollgate_core::credits::allowed_amount(
+            balance,
+            -cost,
+            funding.floor,
+            tollgate_core::credits::Shortfall::Refuse,
+        )
+        .is_some()
+        {
+            (allowed, denied_by, credits_charged) = (true, None, cost);
+        }
+    }
+    Ok(UsageDecision { allowed, windows, denied_by, replayed: false, credits_charged })
 }
 
 async fn lease_event(

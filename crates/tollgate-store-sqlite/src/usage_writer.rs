@@ -16,8 +16,12 @@ use std::sync::Arc;
 use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool};
 use sqlx::{Connection, QueryBuilder};
 use tokio::sync::{mpsc, oneshot};
+use tollgate_core::audit::Actor;
+use tollgate_core::credits::{CreditKind, CreditTransfer};
 use tollgate_core::ids::{AccountId, ReservationId, UsageEventId};
-use tollgate_core::metering::{self, ReservationAction, ReservationStatus, UsageDecision, UsageRequest, WindowState};
+use tollgate_core::metering::{
+    self, CreditFunding, ReservationAction, ReservationStatus, UsageDecision, UsageRequest, WindowState,
+};
 use tollgate_core::{StoreError, Timestamp};
 
 use crate::checkpointer::WalSize;
@@ -223,6 +227,23 @@ async fn decide(
         used.push(sum);
     }
     let mut applied = metering::apply(request.op, &request.windows, &used, request.amount);
+    // Spent windows, but the meter draws on credits: pay in this batch's transaction.
+    let mut credits_charged = 0;
+    if let Some((funding, cost)) = CreditFunding::applies(request, applied.allowed) {
+        let mut payment = CreditTransfer::new(request.account, CreditKind::Usage, -cost, Actor::System, request.now);
+        payment.floor = funding.floor;
+        payment.description = Some(format!("{} × {}", request.amount, request.meter));
+        payment.endpoint = request.context.endpoint.clone();
+        payment.metadata = Some(serde_json::json!({ "meter": request.meter, "amount": request.amount }));
+        match crate::billing::transfer_in(conn, &payment).await {
+            Ok(_) => {
+                applied.paid_with_credits();
+                credits_charged = cost;
+            }
+            Err(StoreError::Conflict("insufficient_credits")) => {}
+            Err(e) => return Err(e),
+        }
+    }
     for (i, window) in request.windows.iter().enumerate() {
         if applied.deltas[i] == 0 {
             continue;
@@ -257,7 +278,13 @@ async fn decide(
         _ => {}
     }
     let windows = request.windows.iter().zip(&applied.after).map(|(w, u)| WindowState::new(w, *u)).collect();
-    let decision = UsageDecision { allowed: applied.allowed, windows, denied_by: applied.denied_by, replayed: false };
+    let decision = UsageDecision {
+        allowed: applied.allowed,
+        windows,
+        denied_by: applied.denied_by,
+        replayed: false,
+        credits_charged,
+    };
     let (outcome, event_amount) = applied.event(request.op, request.amount);
     let at = micros(request.now);
     pending.events.push(Event {
@@ -273,8 +300,9 @@ async fn decide(
     });
     let daily = pending.daily.entry((request.account, request.meter.clone(), day_of(request.now))).or_insert((0, 0));
     if applied.allowed {
-        // Net change: consumes add, refunds and lowered gauges subtract.
-        daily.0 = daily.0.saturating_add(applied.deltas.first().copied().unwrap_or(0));
+        // Net change: consumes add (paid with credits too), refunds and lowered gauges subtract.
+        let net = if credits_charged > 0 { request.amount } else { applied.deltas.first().copied().unwrap_or(0) };
+        daily.0 = daily.0.saturating_add(net);
     } else {
         daily.1 += 1;
     }

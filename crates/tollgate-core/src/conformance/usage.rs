@@ -18,7 +18,7 @@ use crate::plans::{Allowance, Catalog, Meter, MeterKind, Plan, WindowLimit};
 use crate::store::{Store, StoreError};
 
 fn meter(kind: MeterKind) -> Meter {
-    Meter { kind, unit: None, names: Default::default(), deny_status: 402, lease_seconds: None }
+    Meter { kind, unit: None, names: Default::default(), deny_status: 402, lease_seconds: None, credits_per_unit: None }
 }
 
 fn plan(key: &str, default: bool, limit: i64) -> Plan {
@@ -36,6 +36,7 @@ fn catalog(plans: Vec<Plan>) -> Catalog {
     Catalog {
         meters: [("messages".to_owned(), meter(MeterKind::Counter))].into(),
         plans: plans.into_iter().map(|p| (p.key.clone(), p)).collect(),
+        credit_packages: Default::default(),
     }
 }
 
@@ -68,6 +69,7 @@ fn consume(now: Timestamp, account: AccountId, amount: i64, windows: Vec<WindowC
         context: EventContext { endpoint: Some("/chat".into()), metadata: None, ip: Some("10.0.0.1".into()) },
         now,
         reservation: None,
+        credits: None,
     }
 }
 
@@ -99,6 +101,8 @@ pub async fn catalog_apply_is_idempotent_and_archives_plans_in_use(store: Arc<dy
         scheduled_plan: None,
         scheduled_at: None,
         updated_at: now,
+        provider_subscription_id: None,
+        provider_state_at: None,
     };
     let previous = store.subscription(sub.account_id).await.unwrap().map(|s| s.updated_at);
     store.put_subscription(sub, previous, audit("subscription.changed", now)).await.unwrap();
@@ -166,6 +170,8 @@ pub async fn subscriptions_are_one_per_account(store: Arc<dyn Store>) {
         scheduled_plan: None,
         scheduled_at: None,
         updated_at: now,
+        provider_subscription_id: None,
+        provider_state_at: None,
     };
     store.put_subscription(sub.clone(), None, audit("s", now)).await.unwrap();
     assert_eq!(store.subscription(account).await.unwrap().unwrap(), sub);
@@ -200,6 +206,8 @@ pub async fn subscription_changes_compare_and_set(store: Arc<dyn Store>) {
         scheduled_plan: None,
         scheduled_at: None,
         updated_at: now,
+        provider_subscription_id: None,
+        provider_state_at: None,
     };
     store.put_subscription(base.clone(), None, audit("sub.first", now)).await.unwrap();
     // Created from "none" again: someone created it first.
@@ -598,4 +606,56 @@ pub async fn reservations_are_exact_under_concurrency(store: Arc<dyn Store>) {
     let used = store.counter_values(account, "messages", &[vec!["d:1".into()]]).await.unwrap()[0];
     assert_eq!(used, committed, "the counter holds exactly the committed work");
     assert!(used <= 10, "never past the limit");
+}
+
+/// A meter funded by credits: once its window is spent, consumes are paid from the
+/// balance (in the same transaction as the usage event), never past the floor, and the
+/// window's counter never passes its limit.
+pub async fn spent_windows_draw_on_credits(store: Arc<dyn Store>) {
+    use crate::audit::Actor;
+    use crate::credits::{CreditKind, CreditTransfer};
+    use crate::metering::CreditFunding;
+
+    let now = t0();
+    let account = external(&store, "cus_credits").await;
+    let funded = |amount: i64| {
+        let mut r = consume(now, account, amount, vec![window(Window::Day, "d:1", Some(2))]);
+        r.credits = Some(CreditFunding { per_unit: 3, floor: 0 });
+        r
+    };
+    let within = store.consume_usage(funded(2)).await.unwrap();
+    assert!(within.allowed);
+    assert_eq!(within.credits_charged, 0, "within the plan, no credits");
+    let broke = store.consume_usage(funded(1)).await.unwrap();
+    assert!(!broke.allowed, "no credits yet");
+    store.transfer_credits(CreditTransfer::new(account, CreditKind::Purchase, 10, Actor::System, now)).await.unwrap();
+    let mut check = funded(1);
+    check.dry_run = true;
+    let dry = store.consume_usage(check).await.unwrap();
+    assert!(dry.allowed && dry.credits_charged == 3, "{dry:?}");
+    let paid = store.consume_usage(funded(2)).await.unwrap();
+    assert!(paid.allowed, "{paid:?}");
+    assert_eq!((paid.credits_charged, paid.windows[0].used), (6, 2));
+    assert!(!store.consume_usage(funded(2)).await.unwrap().allowed, "costs 6, 4 left");
+    assert!(store.consume_usage(funded(1)).await.unwrap().allowed);
+    assert_eq!(store.credit_balance(account).await.unwrap().balance, 1);
+    // Concurrent funded consumes drain the balance exactly and never below zero.
+    store.transfer_credits(CreditTransfer::new(account, CreditKind::Purchase, 29, Actor::System, now)).await.unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            let request = funded(1);
+            tokio::spawn(async move { store.consume_usage(request).await.unwrap() })
+        })
+        .collect();
+    let mut charged = 0;
+    for task in tasks {
+        charged += task.await.unwrap().credits_charged;
+    }
+    assert_eq!(charged, 30, "ten of sixteen paid 3 each");
+    assert_eq!(store.credit_balance(account).await.unwrap().balance, 0);
+    assert_eq!(store.counter_values(account, "messages", &[vec!["d:1".into()]]).await.unwrap(), vec![2]);
+    let daily = store.usage_daily(account, Some("messages"), &day(now), &day(now)).await.unwrap();
+    assert_eq!(daily[0].consumed, 2 + 2 + 1 + 10, "paid consumes count as consumed");
+    assert!(store.ledger_check().await.unwrap().is_sound());
 }

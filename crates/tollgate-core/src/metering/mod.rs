@@ -141,6 +141,33 @@ pub struct UsageRequest {
     pub context: EventContext,
     pub now: Timestamp,
     pub reservation: Option<ReservationAction>,
+    /// A consume the windows deny is paid with credits instead, when set.
+    pub credits: Option<CreditFunding>,
+}
+
+/// A meter that draws on the account's credits once its plan window is spent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreditFunding {
+    pub per_unit: i64,
+    /// Lowest balance allowed: 0, or minus the plan's overdraft.
+    pub floor: i64,
+}
+
+impl CreditFunding {
+    /// Credits a denied consume of `amount` costs; `None` on overflow (refused).
+    pub fn cost(self, amount: i64) -> Option<i64> {
+        amount.checked_mul(self.per_unit).filter(|c| *c <= crate::credits::MAX_CREDIT_AMOUNT)
+    }
+
+    /// Whether a consume decided `allowed` by the windows should be paid with
+    /// credits instead: only consumes (not refunds, gauges or reservations).
+    pub fn applies(request: &UsageRequest, allowed: bool) -> Option<(Self, i64)> {
+        let funding = request.credits?;
+        if allowed || request.op != UsageOp::Consume || request.reservation.is_some() {
+            return None;
+        }
+        Some((funding, funding.cost(request.amount)?))
+    }
 }
 
 /// A request for a slot of a concurrency meter.
@@ -202,6 +229,9 @@ pub struct UsageDecision {
     /// idempotency key (nothing was counted again).
     #[serde(default)]
     pub replayed: bool,
+    /// Credits this consume cost because its windows were spent (0: within the plan).
+    #[serde(default)]
+    pub credits_charged: i64,
 }
 
 impl WindowState {
@@ -238,6 +268,13 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// A denied consume paid with credits instead: allowed, and the windows stay as
+    /// they are (spent), so no counter ever passes its limit.
+    pub fn paid_with_credits(&mut self) {
+        self.allowed = true;
+        self.denied_by = None;
+    }
+
     /// The event to record: `consumed`, `denied`, `released` or `refunded`, and its
     /// (positive) amount.
     pub fn event(&self, op: UsageOp, amount: i64) -> (&'static str, i64) {

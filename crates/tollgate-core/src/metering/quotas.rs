@@ -178,6 +178,9 @@ impl Quotas {
             idempotency: input.idempotency,
             context: input.context,
             now,
+            credits: meter
+                .credits_per_unit
+                .map(|per_unit| super::CreditFunding { per_unit, floor: -plan.credits_overdraft }),
             reservation: input.reservation,
         };
         let decision = self.store.consume_usage(request).await?;
@@ -291,6 +294,7 @@ impl Quotas {
             context: EventContext::default(),
             now: time::OffsetDateTime::now_utc(),
             reservation: Some(ReservationAction::Settle { id, status }),
+            credits: None,
         };
         self.store.consume_usage(request).await.map_err(|e| match e {
             StoreError::NotFound => QuotaError::ReservationNotFound,
@@ -341,7 +345,7 @@ impl Quotas {
         };
         let allowed = allowance.is_some_and(fits);
         let upgrade_plans = if allowed { vec![] } else { allowing(catalog, &input.meter, fits) };
-        let decision = UsageDecision { allowed, windows: vec![], denied_by: None, replayed: false };
+        let decision = UsageDecision { allowed, windows: vec![], denied_by: None, replayed: false, credits_charged: 0 };
         Ok(ConsumeOutcome { decision, plan: plan.key.clone(), meter: meter.clone(), upgrade_plans })
     }
 

@@ -147,6 +147,8 @@ fn fresh_subscription(account: &Account, plan: &str, trial_days: u32, now: Offse
         scheduled_plan: None,
         scheduled_at: None,
         updated_at: now,
+        provider_subscription_id: None,
+        provider_state_at: None,
     }
 }
 
@@ -317,6 +319,21 @@ pub async fn cancel_subscription(
 ) -> ApiResult<Json<Entitlements>> {
     service.require(Scope::AccountsWrite)?;
     let account = resolve_account(&state, &id).await?;
+    // A subscription a payment provider bills ends there first, so it stops charging;
+    // its own `deleted` event then finds the subscription already canceled.
+    if let Some(current) = state.store.subscription(account.id).await?.filter(|s| s.status.is_live())
+        && let Some(provider_id) = current.provider_subscription_id.as_deref()
+    {
+        if query.at_period_end {
+            return Err(ApiError::BillingUnsupported(
+                "a provider's subscription is canceled at period end through its customer portal",
+            ));
+        }
+        if current.provider == crate::billing::stripe::PROVIDER {
+            use tollgate_core::billing::PaymentProvider;
+            state.billing.checkout_provider()?.cancel_subscription(provider_id).await?;
+        }
+    }
     change_subscription(&state, &service, &origin, &account, |current, now| {
         let mut current = current.ok_or(ApiError::NotFound)?;
         if query.at_period_end {

@@ -4,6 +4,8 @@
 pub mod accounts;
 pub mod attempts;
 pub mod auth;
+pub mod billing;
+pub mod credits;
 pub mod me;
 pub mod mfa;
 pub mod ops;

@@ -49,7 +49,7 @@ impl PlanView {
             prices: plan
                 .prices
                 .iter()
-                .map(|Price { amount, currency, period }| PriceView {
+                .map(|Price { amount, currency, period, .. }| PriceView {
                     amount: *amount,
                     currency: currency.clone(),
                     period: period.clone(),

@@ -58,6 +58,9 @@ pub struct UsageAnswer {
     pub warning: bool,
     /// Plans under which a denied request would have been allowed.
     pub upgrade_plans: Vec<String>,
+    /// Credits this consume cost because the plan's window was spent (meters with
+    /// `credits_per_unit`); 0 within the plan.
+    pub credits_charged: i64,
     /// This answer repeats the first answer to the same `Idempotency-Key`.
     pub replayed: bool,
     /// `/v1/usage/reserve` only: settle it with `/v1/usage/reservations/{id}/commit`
@@ -99,6 +102,17 @@ fn idempotency(
     route: &str,
     body: &impl Serialize,
 ) -> Result<Option<Idempotency>, ApiError> {
+    idempotency_for(headers, &format_args!("svc:{}", service.0.id), route, body)
+}
+
+/// The `Idempotency-Key` of a request by `caller` (`svc:<key id>`, `user:<id>`) to
+/// `route`, and the fingerprint of its body: the same key with another body is refused.
+pub(crate) fn idempotency_for(
+    headers: &HeaderMap,
+    caller: &dyn std::fmt::Display,
+    route: &str,
+    body: &impl Serialize,
+) -> Result<Option<Idempotency>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
     let key = value.to_str().map_err(|_| ApiError::InvalidIdempotencyKey)?.trim();
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
@@ -106,7 +120,7 @@ fn idempotency(
     }
     let canonical = serde_json::to_value(body).map_err(|e| ApiError::Internal(e.to_string()))?.to_string();
     let hash = Sha256::digest(canonical.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-    Ok(Some(Idempotency { scope: format!("svc:{}:{route}", service.0.id), key: key.to_owned(), request_hash: hash }))
+    Ok(Some(Idempotency { scope: format!("{caller}:{route}"), key: key.to_owned(), request_hash: hash }))
 }
 
 fn answer(
@@ -131,6 +145,7 @@ fn answer(
         windows: decision.windows.clone(),
         warning,
         upgrade_plans: outcome.upgrade_plans.clone(),
+        credits_charged: decision.credits_charged,
         replayed: decision.replayed,
         reservation_id: reservation.filter(|_| decision.allowed).map(|(id, _)| id),
         expires_at: reservation.filter(|_| decision.allowed).map(|(_, at)| at),

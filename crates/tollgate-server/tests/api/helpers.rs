@@ -43,6 +43,7 @@ pub struct Builder {
     database_url: Option<String>,
     plans_file: Option<PathBuf>,
     redis_prefix: Option<String>,
+    stripe: Option<tollgate_server::config::StripeConfig>,
 }
 
 impl TestApp {
@@ -54,6 +55,7 @@ impl TestApp {
             database_url: None,
             plans_file: None,
             redis_prefix: None,
+            stripe: None,
         }
     }
 
@@ -157,6 +159,26 @@ impl Builder {
         self
     }
 
+    /// Stripe at `api_base` (a local stand-in) with this webhook secret.
+    pub fn stripe(mut self, api_base: &str, webhook_secret: &str) -> Self {
+        self.stripe = Some(tollgate_server::config::StripeConfig {
+            secret_key: Some("sk_test_tollgate".into()),
+            webhook_secret: Some(webhook_secret.into()),
+            api_base: api_base.into(),
+            api_version: tollgate_server::config::STRIPE_API_VERSION.into(),
+            redirect_origins: vec![],
+        });
+        self
+    }
+
+    /// Checkout redirects limited to these origins (after `stripe`).
+    pub fn redirect_origins(mut self, origins: &[&str]) -> Self {
+        if let Some(stripe) = &mut self.stripe {
+            stripe.redirect_origins = origins.iter().map(|o| (*o).to_owned()).collect();
+        }
+        self
+    }
+
     pub fn database_url(mut self, url: String) -> Self {
         self.database_url = Some(url);
         self
@@ -195,6 +217,7 @@ impl Builder {
                 key_prefix,
                 on_failure: tollgate_server::rate_limit::FailureMode::Closed,
             }),
+            stripe: self.stripe,
         };
         let running = server::start(config.clone()).await.unwrap();
         let base = format!("http://{}", running.addr);

@@ -1,10 +1,13 @@
 //! HTTP tests against the real server. One module per URL area.
 
+mod fake_stripe;
 mod helpers;
 mod smtp_sink;
 
 mod accounts;
 mod auth;
+mod billing;
+mod credits;
 mod me;
 mod mfa;
 mod ops;

@@ -76,6 +76,20 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/v1/usage/reservations/{id}/commit", "post"),
         ("/v1/usage/reservations/{id}/release", "post"),
         ("/v1/ratelimit/check", "post"),
+        ("/v1/credit-packages", "get"),
+        ("/v1/accounts/{id}/credits", "get"),
+        ("/v1/accounts/{id}/credits/transactions", "get"),
+        ("/v1/accounts/{id}/credits/spend", "post"),
+        ("/v1/accounts/{id}/credits/grant", "post"),
+        ("/v1/accounts/{id}/credits/refund", "post"),
+        ("/v1/accounts/{id}/payments", "get"),
+        ("/v1/me/credits", "get"),
+        ("/v1/me/credits/transactions", "get"),
+        ("/v1/me/credits/spend", "post"),
+        ("/v1/me/payments", "get"),
+        ("/v1/billing/checkout", "post"),
+        ("/v1/billing/portal", "post"),
+        ("/v1/billing/webhooks/stripe", "post"),
     ];
     let mut documented = 0;
     for (path, ops) in paths {
