@@ -2,12 +2,15 @@
 
 A local SMTP sink (aiosmtpd) receives the emails; tokens are read out of them. The
 access token is verified offline with PyJWT against the published JWKS, and TOTP
-codes are computed with pyotp: none of Tollgate's own code checks Tollgate here.
+codes are computed with pyotp, and Stripe webhooks are signed with Python's hmac: none
+of Tollgate's own code checks Tollgate here.
 
 Usage: walk.py BINARY [DATABASE_URL]   (default: SQLite in a temporary data dir)
 """
 
 import email
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -25,6 +28,50 @@ import requests
 from aiosmtpd.controller import Controller
 
 PASSWORD = "correct horse battery staple"
+WEBHOOK_SECRET = "whsec_e2e_walk"
+PLANS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "plans", "credits-api.toml")
+
+
+def stripe_signed(payload, secret=WEBHOOK_SECRET, t=None):
+    """Headers of a delivery signed the way Stripe signs: HMAC-SHA256 over "t.payload"."""
+    t = int(time.time()) if t is None else t
+    signature = hmac.new(secret.encode(), f"{t}.{payload}".encode(), hashlib.sha256).hexdigest()
+    return {"Stripe-Signature": f"t={t},v1={signature}", "Content-Type": "application/json"}
+
+
+def credits_walk(base, key):
+    """Credits bought through a signed Stripe event (delivered twice), spent, refused."""
+    svc = {"Authorization": f"Bearer {key}"}
+    r = requests.post(f"{base}/v1/accounts", headers=svc, json={"external_id": "e2e-buyer"})
+    check(r.status_code == 201, "a customer account for credits")
+    account = r.json()["id"]
+    session = {
+        "id": "cs_test_e2e", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+        "status": "complete", "customer": "cus_e2e", "client_reference_id": account,
+        "payment_intent": "pi_e2e", "amount_total": 1500, "currency": "usd",
+        "metadata": {"account_id": account, "credit_package": "starter", "credits": "100"},
+    }
+    event = {"id": "evt_e2e_1", "object": "event", "api_version": "2026-09-30.endive", "created": int(time.time()),
+             "type": "checkout.session.completed", "data": {"object": session}, "livemode": False}
+    payload = json.dumps(event)
+    hook = f"{base}/v1/billing/webhooks/stripe"
+    r = requests.post(hook, data=payload, headers=stripe_signed(payload))
+    check(r.status_code == 200 and r.json()["outcome"] == "applied", "a signed checkout.session.completed is applied")
+    r = requests.post(hook, data=payload, headers=stripe_signed(payload))
+    check(r.status_code == 200 and r.json()["outcome"] == "duplicate", "the same event again is a duplicate")
+    r = requests.post(hook, data=payload, headers=stripe_signed(payload, secret="whsec_wrong"))
+    check(r.status_code == 400, "a wrong signature is refused")
+    r = requests.post(hook, data=payload, headers=stripe_signed(payload, t=int(time.time()) - 600))
+    check(r.status_code == 400, "a stale signature is refused")
+    r = requests.get(f"{base}/v1/accounts/{account}/credits", headers=svc)
+    check(r.json()["balance"] == 100 and r.json()["purchased"] == 100, "100 credits bought, once")
+    r = requests.post(f"{base}/v1/accounts/{account}/credits/spend", headers=svc, json={"amount": 5})
+    check(r.status_code == 200 and r.json()["transaction"]["balance_after"] == 95, "spend 5")
+    r = requests.post(f"{base}/v1/accounts/{account}/credits/spend", headers=svc, json={"amount": 96})
+    check(r.status_code == 402 and r.json()["error"]["code"] == "insufficient_credits", "overspending is refused")
+    r = requests.get(f"{base}/v1/accounts/{account}/credits/transactions", headers=svc)
+    kinds = [t["kind"] for t in r.json()["transactions"]]
+    check(kinds == ["usage", "purchase"], "the history shows the purchase and the spend")
 
 
 def free_port():
@@ -82,6 +129,8 @@ def main():
         TOLLGATE_PUBLIC_URL=base,
         TOLLGATE_SMTP_URL=f"smtp://127.0.0.1:{smtp.port}",
         TOLLGATE_LOG="warn",
+        TOLLGATE_PLANS_FILE=os.path.abspath(PLANS),
+        TOLLGATE_STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
     )
     if database_url:
         env["TOLLGATE_DATABASE_URL"] = database_url
@@ -91,6 +140,11 @@ def main():
     check("applied migrations" in out or "up to date" in out, f"tollgate migrate: {out.strip()}")
     out = subprocess.run([binary, "migrate"], env=env, capture_output=True, text=True, check=True).stdout
     check("up to date" in out, "a second migrate does nothing")
+
+    out = subprocess.run([binary, "keys", "create", "--name", "e2e", "--scopes", "accounts:write,credits:read,credits:write"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    service_key = out.strip().splitlines()[-1]
+    check(service_key.startswith("tg_sk_"), "keys create prints the secret once")
 
     server = subprocess.Popen([binary, "serve"], env=env, cwd=data)
     try:
@@ -102,6 +156,7 @@ def main():
                 time.sleep(0.1)
         else:
             raise AssertionError("server never became ready")
+        credits_walk(base, service_key)
         key_file = os.path.join(data, "signing-keys.json")
         check(os.stat(key_file).st_mode & 0o777 == 0o600, "signing keys stored with 0600")
 
