@@ -110,3 +110,65 @@ async fn acknowledged_consumes_survive_kill_9() {
     assert!(used >= acknowledged, "acknowledged {acknowledged}, counted {used}");
     assert!(used <= acknowledged + 32 * 512, "counted {used} of {acknowledged} acknowledged");
 }
+
+/// The same for credits: spends answered 200 before a `kill -9` are all in the
+/// balance after the restart, and the balance never went below zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_spends_survive_kill_9() {
+    const GRANTED: i64 = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out =
+        tollgate(dir.path(), port).args(["keys", "create", "--name", "crash", "--scopes", "admin:*"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_owned();
+    let client = reqwest::Client::new();
+    let mut server = start(dir.path(), port, &client).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let post =
+        |path: &str, body: serde_json::Value| client.post(format!("{base}{path}")).bearer_auth(&key).json(&body).send();
+    assert!(post("/v1/accounts", json!({ "external_id": "spender" })).await.unwrap().status().is_success());
+    let r = post("/v1/accounts/ext:spender/credits/grant", json!({ "amount": GRANTED })).await.unwrap();
+    assert!(r.status().is_success());
+
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (client, base, key) = (client.clone(), base.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acknowledged = 0i64;
+            loop {
+                let url = format!("{base}/v1/accounts/ext:spender/credits/spend");
+                match client.post(url).bearer_auth(&key).json(&json!({ "amount": 1 })).send().await {
+                    Ok(res) if res.status().is_success() => acknowledged += 1,
+                    Ok(res) => panic!("unexpected {}", res.status()),
+                    Err(_) => return acknowledged,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+    let mut acknowledged = 0;
+    for t in tasks {
+        acknowledged += t.await.unwrap();
+    }
+    assert!(acknowledged > 0, "the storm did get answers before the kill");
+    drop(server);
+
+    let _restarted = start(dir.path(), port, &client).await;
+    let r: serde_json::Value = client
+        .get(format!("{base}/v1/accounts/ext:spender/credits"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let spent = GRANTED - r["balance"].as_i64().unwrap();
+    eprintln!("acknowledged {acknowledged}, spent after restart {spent}");
+    assert_eq!(r["used"].as_i64().unwrap(), spent, "the totals agree with the balance");
+    assert!(spent >= acknowledged, "acknowledged {acknowledged}, spent {spent}");
+    assert!(spent <= acknowledged + 32, "spent {spent}, acknowledged {acknowledged}: at most one in flight each");
+}
