@@ -117,6 +117,49 @@ impl CreditTransfer {
     }
 }
 
+impl CreditTransfer {
+    /// The grant of the credits a succeeded payment bought.
+    pub fn purchase(payment: &crate::billing::Payment) -> Self {
+        let mut t =
+            Self::new(payment.account_id, CreditKind::Purchase, payment.credits, Actor::System, payment.created_at);
+        t.payment = Some(payment.id);
+        t.description = Some(match &payment.credit_package {
+            Some(package) => format!("Credit package {package}"),
+            None => "Credit purchase".to_owned(),
+        });
+        t.metadata = Some(serde_json::json!({
+            "provider": payment.provider,
+            "provider_payment_id": payment.provider_payment_id,
+        }));
+        t
+    }
+
+    /// Taking back `due` credits of a refunded payment, as far as the balance allows.
+    pub fn reversal(account: AccountId, payment: PaymentId, due: i64, event: &crate::billing::ProviderEvent) -> Self {
+        let mut t = Self::new(account, CreditKind::Reversal, -due, Actor::System, event.received_at);
+        t.shortfall = Shortfall::TakeAvailable;
+        t.payment = Some(payment);
+        t.description = Some("Payment refunded".into());
+        t.metadata = Some(serde_json::json!({ "provider": event.provider, "event_id": event.id }));
+        t
+    }
+
+    /// Paying `cost` credits for a consume its windows denied (a meter funded by
+    /// credits), down to the funding's floor.
+    pub fn metered(
+        request: &crate::metering::UsageRequest,
+        funding: crate::metering::CreditFunding,
+        cost: i64,
+    ) -> Self {
+        let mut t = Self::new(request.account, CreditKind::Usage, -cost, Actor::System, request.now);
+        t.floor = funding.floor;
+        t.description = Some(format!("{} × {}", request.amount, request.meter));
+        t.endpoint = request.context.endpoint.clone();
+        t.metadata = Some(serde_json::json!({ "meter": request.meter, "amount": request.amount }));
+        t
+    }
+}
+
 /// How much of a debit the balance allows: the whole `amount` when the balance stays
 /// at or above `floor`; with [`Shortfall::TakeAvailable`], as much as reaches the floor
 /// (never a credit: 0 when already below it); `None` when refused. Grants always pass.

@@ -31,13 +31,11 @@ use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::types::Json;
 use tollgate_core::accounts::{Subscription, SubscriptionStatus};
-use tollgate_core::audit::Actor;
 use tollgate_core::billing::{
     self, BillingEffect, BillingOutcome, Payment, PaymentKind, PaymentStatus, ProviderEvent, ProviderSubscription,
 };
 use tollgate_core::credits::{
-    self, CreditBalance, CreditKind, CreditReceipt, CreditTransaction, CreditTransfer, LedgerCheck, Shortfall,
-    TransactionQuery,
+    self, CreditBalance, CreditKind, CreditReceipt, CreditTransaction, CreditTransfer, LedgerCheck, TransactionQuery,
 };
 use tollgate_core::email::NewEmail;
 use tollgate_core::ids::{AccountId, CreditTransferId, PaymentId};
@@ -399,8 +397,6 @@ async fn insert_payment(conn: &mut PgConnection, p: &Payment) -> Result<bool, St
     Ok(inserted.rows_affected() > 0)
 }
 
-/// Records the payment and grants its credits, once per payment: another event about
-/// the same checkout (a retry under a new event id) finds the payment and grants nothing.
 /// Serialises a payment's purchase with its refunds by the provider's intent id, so
 /// that a refund delivered before its purchase is either seen by the purchase (kept in
 /// `pending_refunds`) or sees the payment: never neither.
@@ -413,6 +409,8 @@ async fn lock_intent(conn: &mut PgConnection, provider: &str, intent: &str) -> R
     Ok(())
 }
 
+/// Records the payment and grants its credits, once per payment: another event about
+/// the same checkout (a retry under a new event id) finds the payment and grants nothing.
 async fn credits_purchased(
     conn: &mut PgConnection,
     event: &ProviderEvent,
@@ -424,23 +422,7 @@ async fn credits_purchased(
     if !insert_payment(conn, payment).await? {
         return Ok(BillingOutcome::Ignored);
     }
-    let mut grant = CreditTransfer::new(
-        payment.account_id,
-        CreditKind::Purchase,
-        payment.credits,
-        Actor::System,
-        payment.created_at,
-    );
-    grant.payment = Some(payment.id);
-    grant.description = Some(match &payment.credit_package {
-        Some(package) => format!("Credit package {package}"),
-        None => "Credit purchase".to_owned(),
-    });
-    grant.metadata = Some(serde_json::json!({
-        "provider": payment.provider,
-        "provider_payment_id": payment.provider_payment_id,
-    }));
-    transfer_in(conn, &grant).await?;
+    transfer_in(conn, &CreditTransfer::purchase(payment)).await?;
     // A refund that arrived before this purchase applies now.
     if let Some(intent) = &payment.provider_intent_id {
         let pending: Option<i64> = sqlx::query_scalar(
@@ -601,11 +583,7 @@ async fn refunded(
     let due = billing::credits_to_reverse(credits, amount, amount_refunded, reversed + unrecovered);
     let mut taken = 0;
     if due > 0 {
-        let mut reversal = CreditTransfer::new(account, CreditKind::Reversal, -due, Actor::System, event.received_at);
-        reversal.shortfall = Shortfall::TakeAvailable;
-        reversal.payment = Some(id);
-        reversal.description = Some("Payment refunded".into());
-        reversal.metadata = Some(serde_json::json!({ "provider": event.provider, "event_id": event.id }));
+        let reversal = CreditTransfer::reversal(account, id, due, event);
         taken = -transfer_in(conn, &reversal).await?.transaction.amount;
     }
     let status = if amount_refunded >= amount { PaymentStatus::Refunded } else { PaymentStatus::PartiallyRefunded };

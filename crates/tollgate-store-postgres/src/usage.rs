@@ -21,8 +21,8 @@ use time::UtcOffset;
 use tollgate_core::accounts::{
     Account, AccountKind, NewExternalAccount, Scope, ServiceKey, Subscription, SubscriptionStatus,
 };
-use tollgate_core::audit::{Actor, AuditEvent};
-use tollgate_core::credits::{CreditKind, CreditTransfer};
+use tollgate_core::audit::AuditEvent;
+use tollgate_core::credits::CreditTransfer;
 use tollgate_core::identity::TokenDigest;
 use tollgate_core::ids::{AccountId, LeaseId, ReservationId, ServiceKeyId, UsageEventId};
 use tollgate_core::metering::{
@@ -599,14 +599,7 @@ pub(crate) async fn consume_alone(store: &PgStore, request: UsageRequest) -> Res
         let mut credits_charged = 0;
         if let Some((funding, cost)) = metering::CreditFunding::applies(&request, allowed) {
             let balance = crate::billing::credit_balance(store, request.account).await?.balance;
-            if tollgate_core::credits::allowed_amount(
-                balance,
-                -cost,
-                funding.floor,
-                tollgate_core::credits::Shortfall::Refuse,
-            )
-            .is_some()
-            {
+            if funding.affordable(balance, cost) {
                 (allowed, denied_by, credits_charged) = (true, None, cost);
             }
         }
@@ -647,11 +640,7 @@ pub(crate) async fn consume_alone(store: &PgStore, request: UsageRequest) -> Res
     // meter's lock, then the balance row's: the same order as every other transfer).
     let mut credits_charged = 0;
     if let Some((funding, cost)) = metering::CreditFunding::applies(&request, applied.allowed) {
-        let mut payment = CreditTransfer::new(request.account, CreditKind::Usage, -cost, Actor::System, request.now);
-        payment.floor = funding.floor;
-        payment.description = Some(format!("{} × {}", request.amount, request.meter));
-        payment.endpoint = request.context.endpoint.clone();
-        payment.metadata = Some(serde_json::json!({ "meter": request.meter, "amount": request.amount }));
+        let payment = CreditTransfer::metered(&request, funding, cost);
         match crate::billing::transfer_in(&mut tx, &payment).await {
             Ok(_) => {
                 applied.paid_with_credits();

@@ -6,13 +6,11 @@
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use tollgate_core::accounts::{Subscription, SubscriptionStatus};
-use tollgate_core::audit::Actor;
 use tollgate_core::billing::{
     self, BillingEffect, BillingOutcome, Payment, PaymentKind, PaymentStatus, ProviderEvent, ProviderSubscription,
 };
 use tollgate_core::credits::{
-    self, CreditBalance, CreditKind, CreditReceipt, CreditTransaction, CreditTransfer, LedgerCheck, Shortfall,
-    TransactionQuery,
+    self, CreditBalance, CreditKind, CreditReceipt, CreditTransaction, CreditTransfer, LedgerCheck, TransactionQuery,
 };
 use tollgate_core::email::NewEmail;
 use tollgate_core::ids::{AccountId, CreditTransferId, PaymentId};
@@ -391,23 +389,7 @@ async fn credits_purchased(
     if !insert_payment(conn, payment).await? {
         return Ok(BillingOutcome::Ignored);
     }
-    let mut grant = CreditTransfer::new(
-        payment.account_id,
-        CreditKind::Purchase,
-        payment.credits,
-        Actor::System,
-        payment.created_at,
-    );
-    grant.payment = Some(payment.id);
-    grant.description = Some(match &payment.credit_package {
-        Some(package) => format!("Credit package {package}"),
-        None => "Credit purchase".to_owned(),
-    });
-    grant.metadata = Some(serde_json::json!({
-        "provider": payment.provider,
-        "provider_payment_id": payment.provider_payment_id,
-    }));
-    transfer_in(conn, &grant).await?;
+    transfer_in(conn, &CreditTransfer::purchase(payment)).await?;
     // A refund that arrived before this purchase applies now.
     if let Some(intent) = &payment.provider_intent_id {
         let pending: Option<i64> = sqlx::query_scalar(
@@ -551,11 +533,7 @@ async fn refunded(
     let due = billing::credits_to_reverse(credits, amount, amount_refunded, reversed + unrecovered);
     let mut taken = 0;
     if due > 0 {
-        let mut reversal = CreditTransfer::new(account, CreditKind::Reversal, -due, Actor::System, event.received_at);
-        reversal.shortfall = Shortfall::TakeAvailable;
-        reversal.payment = Some(id);
-        reversal.description = Some("Payment refunded".into());
-        reversal.metadata = Some(serde_json::json!({ "provider": event.provider, "event_id": event.id }));
+        let reversal = CreditTransfer::reversal(account, id, due, event);
         taken = -transfer_in(conn, &reversal).await?.transaction.amount;
     }
     let status = if amount_refunded >= amount { PaymentStatus::Refunded } else { PaymentStatus::PartiallyRefunded };

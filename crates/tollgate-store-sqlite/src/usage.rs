@@ -458,14 +458,7 @@ pub(crate) async fn consume_usage(store: &SqliteStore, request: UsageRequest) ->
     let mut credits_charged = 0;
     if let Some((funding, cost)) = metering::CreditFunding::applies(&request, allowed) {
         let balance = crate::billing::credit_balance(store, request.account).await?.balance;
-        if tollgate_core::credits::allowed_amount(
-            balance,
-            -cost,
-            funding.floor,
-            tollgate_core::credits::Shortfall::Refuse,
-        )
-        .is_some()
-        {
+        if funding.affordable(balance, cost) {
             (allowed, denied_by, credits_charged) = (true, None, cost);
         }
     }

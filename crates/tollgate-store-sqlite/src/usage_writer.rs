@@ -16,8 +16,7 @@ use std::sync::Arc;
 use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool};
 use sqlx::{Connection, QueryBuilder};
 use tokio::sync::{mpsc, oneshot};
-use tollgate_core::audit::Actor;
-use tollgate_core::credits::{CreditKind, CreditTransfer};
+use tollgate_core::credits::CreditTransfer;
 use tollgate_core::ids::{AccountId, ReservationId, UsageEventId};
 use tollgate_core::metering::{
     self, CreditFunding, ReservationAction, ReservationStatus, UsageDecision, UsageRequest, WindowState,
@@ -230,11 +229,7 @@ async fn decide(
     // Spent windows, but the meter draws on credits: pay in this batch's transaction.
     let mut credits_charged = 0;
     if let Some((funding, cost)) = CreditFunding::applies(request, applied.allowed) {
-        let mut payment = CreditTransfer::new(request.account, CreditKind::Usage, -cost, Actor::System, request.now);
-        payment.floor = funding.floor;
-        payment.description = Some(format!("{} × {}", request.amount, request.meter));
-        payment.endpoint = request.context.endpoint.clone();
-        payment.metadata = Some(serde_json::json!({ "meter": request.meter, "amount": request.amount }));
+        let payment = CreditTransfer::metered(request, funding, cost);
         match crate::billing::transfer_in(conn, &payment).await {
             Ok(_) => {
                 applied.paid_with_credits();

@@ -159,6 +159,11 @@ impl CreditFunding {
         amount.checked_mul(self.per_unit).filter(|c| *c <= crate::credits::MAX_CREDIT_AMOUNT)
     }
 
+    /// Whether a balance pays `cost` (a dry run's answer).
+    pub fn affordable(self, balance: i64, cost: i64) -> bool {
+        crate::credits::allowed_amount(balance, -cost, self.floor, crate::credits::Shortfall::Refuse).is_some()
+    }
+
     /// Whether a consume decided `allowed` by the windows should be paid with
     /// credits instead: only consumes (not refunds, gauges or reservations).
     pub fn applies(request: &UsageRequest, allowed: bool) -> Option<(Self, i64)> {
