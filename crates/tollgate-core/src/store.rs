@@ -277,8 +277,17 @@ pub trait Store: BillingStore + Send + Sync + 'static {
     async fn acquire_lease(&self, request: LeaseRequest) -> Result<LeaseDecision, StoreError>;
 
     /// Releases a live lease of `account`; records a `released` event. `NotFound`
-    /// when there is no such live lease of that account.
-    async fn release_lease(&self, account: AccountId, lease: LeaseId, now: Timestamp) -> Result<(), StoreError>;
+    /// when there is no such live lease of that account. With an idempotency key the
+    /// release is remembered as the key's answer: a retry (after the lease is gone)
+    /// answers `Ok(true)` (replayed) instead of `NotFound`; another request under the
+    /// key is `Conflict("idempotency_key")`.
+    async fn release_lease(
+        &self,
+        account: AccountId,
+        lease: LeaseId,
+        now: Timestamp,
+        idempotency: Option<crate::metering::Idempotency>,
+    ) -> Result<bool, StoreError>;
 
     /// Daily totals of an account, optionally for one meter, for days in `[from, to]`
     /// (`YYYY-MM-DD`), ordered by day then meter.

@@ -1004,8 +1004,14 @@ impl Store for PgStore {
         usage::acquire_lease(self, request).await
     }
 
-    async fn release_lease(&self, account: AccountId, lease: LeaseId, now: Timestamp) -> Result<(), StoreError> {
-        usage::release_lease(self, account, lease, now).await
+    async fn release_lease(
+        &self,
+        account: AccountId,
+        lease: LeaseId,
+        now: Timestamp,
+        idempotency: Option<tollgate_core::metering::Idempotency>,
+    ) -> Result<bool, StoreError> {
+        usage::release_lease(self, account, lease, now, idempotency).await
     }
 
     async fn usage_daily(

@@ -886,8 +886,15 @@ pub(crate) async fn release_lease(
     account: AccountId,
     lease: LeaseId,
     now: Timestamp,
-) -> Result<(), StoreError> {
+    idempotency: Option<Idempotency>,
+) -> Result<bool, StoreError> {
     let mut tx = store.pool.begin().await.map_err(db_error)?;
+    // The key first: a concurrent retry waits on it, then replays.
+    if let Some(idem) = &idempotency
+        && claim_idempotency_key_raw(&mut tx, idem, now).await?.is_some()
+    {
+        return Ok(true);
+    }
     let meter: Option<String> = sqlx::query_scalar(
         "UPDATE usage_leases SET released_at = $3 \
          WHERE id = $1 AND account_id = $2 AND released_at IS NULL AND expires_at > $3 RETURNING meter",
@@ -900,7 +907,16 @@ pub(crate) async fn release_lease(
     .map_err(db_error)?;
     let meter = meter.ok_or(StoreError::NotFound)?;
     lease_event(&mut tx, account, &meter, "released", None, now).await?;
-    tx.commit().await.map_err(db_error)
+    if let Some(idem) = &idempotency {
+        sqlx::query("UPDATE idempotency_keys SET response = '{\"released\":true}' WHERE scope = $1 AND key = $2")
+            .bind(&idem.scope)
+            .bind(&idem.key)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(false)
 }
 
 macro_rules! reservation_columns {

@@ -595,8 +595,14 @@ pub(crate) async fn release_lease(
     account: AccountId,
     lease: LeaseId,
     now: Timestamp,
-) -> Result<(), StoreError> {
+    idempotency: Option<metering::Idempotency>,
+) -> Result<bool, StoreError> {
     let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    if let Some(idem) = &idempotency
+        && let Some((hash, _)) = stored_answer::<serde_json::Value>(&mut *tx, &idem.scope, &idem.key).await?
+    {
+        return if hash == idem.request_hash { Ok(true) } else { Err(StoreError::Conflict("idempotency_key")) };
+    }
     let meter: Option<String> = sqlx::query_scalar(
         "UPDATE usage_leases SET released_at = ?3 \
          WHERE id = ?1 AND account_id = ?2 AND released_at IS NULL AND expires_at > ?3 RETURNING meter",
@@ -609,7 +615,21 @@ pub(crate) async fn release_lease(
     .map_err(db_error)?;
     let meter = meter.ok_or(StoreError::NotFound)?;
     lease_event(&mut tx, account, &meter, "released", None, now).await?;
-    tx.commit().await.map_err(db_error)
+    if let Some(idem) = &idempotency {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (scope, key, request_hash, response, created_at) \
+             VALUES (?1, ?2, ?3, '{\"released\":true}', ?4)",
+        )
+        .bind(&idem.scope)
+        .bind(&idem.key)
+        .bind(&idem.request_hash)
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(false)
 }
 
 fn reservation_row(row: &SqliteRow) -> Result<Reservation, StoreError> {

@@ -464,7 +464,7 @@ pub async fn idempotent_acquires_take_one_slot(store: Arc<dyn Store>) {
         ..lease(account, Some(3), now, Duration::hours(1))
     };
     assert!(!store.acquire_lease(keyed()).await.unwrap().allowed);
-    store.release_lease(account, plain.lease_id.unwrap(), now).await.unwrap();
+    store.release_lease(account, plain.lease_id.unwrap(), now, None).await.unwrap();
     let retried = store.acquire_lease(keyed()).await.unwrap();
     assert!(retried.allowed && !retried.replayed, "{retried:?}");
 }
@@ -495,13 +495,32 @@ pub async fn leases_hold_slots_until_released_or_expired(store: Arc<dyn Store>) 
     // Another account's slots are its own; its lease cannot be released by us.
     let theirs = store.acquire_lease(lease(other, Some(3), now, Duration::hours(1))).await.unwrap();
     assert!(theirs.allowed);
-    assert!(matches!(store.release_lease(account, theirs.lease_id.unwrap(), now).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        store.release_lease(account, theirs.lease_id.unwrap(), now, None).await,
+        Err(StoreError::NotFound)
+    ));
     // Releasing frees a slot, once.
-    store.release_lease(account, granted[0], now).await.unwrap();
-    assert!(matches!(store.release_lease(account, granted[0], now).await, Err(StoreError::NotFound)));
+    store.release_lease(account, granted[0], now, None).await.unwrap();
+    assert!(matches!(store.release_lease(account, granted[0], now, None).await, Err(StoreError::NotFound)));
+    // With a key, a retry of a release replays it; the key under another lease is refused.
+    let key =
+        |hash: &str| Some(Idempotency { scope: "svc:t:release".into(), key: "r1".into(), request_hash: hash.into() });
+    assert!(!store.release_lease(account, granted[1], now, key("h1")).await.unwrap());
+    assert!(store.release_lease(account, granted[1], now, key("h1")).await.unwrap(), "replayed");
+    let other = store.release_lease(account, granted[2], now, key("h2")).await;
+    assert!(matches!(other, Err(StoreError::Conflict("idempotency_key"))), "{other:?}");
+    // A failed release leaves the key free.
+    let missing = store
+        .release_lease(account, granted[0], now, Some(Idempotency { key: "r2".into(), ..key("h3").unwrap() }))
+        .await;
+    assert!(matches!(missing, Err(StoreError::NotFound)));
+    store
+        .release_lease(account, granted[2], now, Some(Idempotency { key: "r2".into(), ..key("h4").unwrap() }))
+        .await
+        .unwrap();
     let again = store.acquire_lease(lease(account, Some(3), now, Duration::seconds(10))).await.unwrap();
     assert!(again.allowed);
-    assert_eq!(again.held, 3);
+    assert_eq!(again.held, 1, "all three released, one taken again");
     // Expired leases free their slots by themselves.
     let later = now + Duration::hours(2);
     let d = store.acquire_lease(lease(account, Some(3), later, Duration::hours(1))).await.unwrap();

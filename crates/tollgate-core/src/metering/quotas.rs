@@ -321,8 +321,15 @@ impl Quotas {
     }
 
     /// Releases a lease held by `account`.
-    pub async fn release(&self, account: AccountId, lease: LeaseId) -> Result<(), QuotaError> {
-        self.store.release_lease(account, lease, time::OffsetDateTime::now_utc()).await.map_err(|e| match e {
+    /// Frees a lease; true when this repeats an earlier release with the same key.
+    pub async fn release(
+        &self,
+        account: AccountId,
+        lease: LeaseId,
+        idempotency: Option<super::Idempotency>,
+    ) -> Result<bool, QuotaError> {
+        let now = time::OffsetDateTime::now_utc();
+        self.store.release_lease(account, lease, now, idempotency).await.map_err(|e| match e {
             StoreError::NotFound => QuotaError::LeaseNotFound,
             other => other.into(),
         })

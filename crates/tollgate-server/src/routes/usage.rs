@@ -424,7 +424,7 @@ pub async fn acquire(
     Ok(response)
 }
 
-#[derive(Deserialize, ToSchema)]
+#[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseBody {
     /// The account that holds the lease (id or `ext:<id>`).
@@ -433,7 +433,9 @@ pub struct ReleaseBody {
 
 /// Frees a slot taken with `/v1/usage/acquire`.
 #[utoipa::path(post, path = "/v1/usage/leases/{id}/release", tag = "usage", security(("bearer" = [])),
-    params(("id" = uuid::Uuid, Path, description = "Lease id")), request_body = ReleaseBody,
+    params(("id" = uuid::Uuid, Path, description = "Lease id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A retry after the release answers 204 again, not 404")),
+    request_body = ReleaseBody,
     responses(
         (status = 204, description = "Released"),
         (status = 404, description = "No live lease with this id for this account", body = ErrorResponse),
@@ -441,12 +443,14 @@ pub struct ReleaseBody {
 pub async fn release(
     State(state): State<AppState>,
     service: Service,
+    headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<uuid::Uuid>,
     ApiJson(body): ApiJson<ReleaseBody>,
 ) -> ApiResult<StatusCode> {
     service.require(Scope::UsageWrite)?;
+    let idempotency = idempotency(&headers, &service, "release", &(id, &body))?;
     let account = resolve_account(&state, &body.account).await?;
-    state.quotas.release(account.id, tollgate_core::ids::LeaseId(id)).await?;
+    state.quotas.release(account.id, tollgate_core::ids::LeaseId(id), idempotency).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -322,6 +322,20 @@ async fn monte_carlo_concurrent_simulations_are_leases() {
     assert_eq!(release(leases[0].clone(), "ext:other").await.status, StatusCode::NOT_FOUND, "not theirs");
     assert_eq!(release(leases[0].clone(), "ext:lab").await.status, StatusCode::NO_CONTENT);
     assert_eq!(release(leases[0].clone(), "ext:lab").await.status, StatusCode::NOT_FOUND, "released once");
+    // With an Idempotency-Key, a retried release answers as the first did.
+    let keyed_release = |id: String| {
+        app.client
+            .post(app.url(&format!("/v1/usage/leases/{id}/release")))
+            .bearer_auth(&key)
+            .header("idempotency-key", "free-1")
+            .json(&json!({ "account": "ext:lab" }))
+            .send()
+    };
+    assert_eq!(keyed_release(leases[1].clone()).await.unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(keyed_release(leases[1].clone()).await.unwrap().status(), StatusCode::NO_CONTENT, "replayed");
+    let reused = keyed_release(leases[2].clone()).await.unwrap();
+    assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY, "the key under another lease");
+    assert_eq!(acquire().await.status, StatusCode::OK, "the keyed release freed a slot");
     // A retried acquire with its Idempotency-Key names the same lease and takes
     // no second slot.
     let send = || async {
