@@ -92,11 +92,18 @@ pub async fn understand(state: &AppState, body: &[u8], now: Timestamp) -> Result
 /// on payment links), else the account linked to its customer. `None` (logged) when
 /// neither names a known account: the event is recorded and ignored.
 async fn account_of(state: &AppState, object: &Value, metadata: &Value) -> Result<Option<AccountId>, ApiError> {
-    let from_metadata = text(&metadata["account_id"]).and_then(|id| id.parse::<AccountId>().ok());
-    if let Some(id) = from_metadata
-        && state.store.account_by_id(id).await?.is_some()
-    {
-        return Ok(Some(id));
+    // An account id, or `ext:<external id>` as everywhere else in the API.
+    if let Some(named) = text(&metadata["account_id"]) {
+        let account = match named.strip_prefix("ext:") {
+            Some(external) => state.store.account_by_external_id(external).await?,
+            None => match named.parse::<AccountId>() {
+                Ok(id) => state.store.account_by_id(id).await?,
+                Err(_) => None,
+            },
+        };
+        if let Some(account) = account {
+            return Ok(Some(account.id));
+        }
     }
     if let Some(customer) = text(&object["customer"])
         && let Some(id) = state.store.account_by_provider_customer(PROVIDER, &customer).await?

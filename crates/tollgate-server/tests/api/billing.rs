@@ -397,3 +397,24 @@ async fn redirects_can_be_held_to_configured_origins() {
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn events_may_name_the_account_by_external_id() {
+    let (app, stripe) = start().await;
+    let key = app.service_key(&["accounts:write", "credits:read"]).await;
+    app.post_auth("/v1/accounts", &key, json!({ "external_id": "shop-7" })).await;
+    let session = json!({
+        "id": "cs_test_ext", "object": "checkout.session", "mode": "payment", "status": "complete",
+        "payment_status": "paid", "payment_intent": "pi_ext", "amount_total": 6000, "currency": "usd",
+        "metadata": { "account_id": "ext:shop-7", "credit_package": "pro" },
+    });
+    assert_eq!(deliver(&stripe, &stripe.event("checkout.session.completed", session)).await["outcome"], "applied");
+    let r = app.get_auth("/v1/accounts/ext:shop-7/credits", &key).await;
+    assert_eq!(r.body["balance"], 500, "the package's credits, from the catalog");
+    let r = app.get_auth("/v1/accounts/ext:shop-7/payments", &key).await;
+    assert_eq!(
+        (r.body["payments"][0]["amount"].as_i64(), r.body["payments"][0]["currency"].as_str()),
+        (Some(6000), Some("USD"))
+    );
+    app.stop().await;
+}
