@@ -1,6 +1,6 @@
-//! Nothing acknowledged is lost: a storm of consumes against the real binary, a
-//! `kill -9` in the middle of it, a restart on the same SQLite file, and then every
-//! consume that was answered 200 must be counted.
+//! Nothing acknowledged is lost: a storm of requests (consumes, credit spends) against
+//! the real binary, a `kill -9` in the middle of it, a restart on the same SQLite
+//! file, and then every request that was answered 200 must be counted.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -47,62 +47,80 @@ async fn start(data: &std::path::Path, port: u16, client: &reqwest::Client) -> S
     panic!("server did not become ready");
 }
 
+/// A server on a fresh data directory with an `admin:*` service key.
+struct Setup {
+    dir: tempfile::TempDir,
+    port: u16,
+    key: String,
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Setup {
+    async fn new() -> (Self, Server) {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let out = tollgate(dir.path(), port)
+            .args(["keys", "create", "--name", "crash", "--scopes", "admin:*"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let key = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_owned();
+        let client = reqwest::Client::new();
+        let server = start(dir.path(), port, &client).await;
+        let base = format!("http://127.0.0.1:{port}");
+        (Self { dir, port, key, client, base }, server)
+    }
+
+    async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.client.post(format!("{}{path}", self.base)).bearer_auth(&self.key).json(&body).send().await.unwrap()
+    }
+
+    async fn get(&self, path: &str) -> serde_json::Value {
+        let r = self.client.get(format!("{}{path}", self.base)).bearer_auth(&self.key).send().await.unwrap();
+        r.json().await.unwrap()
+    }
+
+    /// 32 clients POST `body` to `path` as fast as they can; the server is killed
+    /// (SIGKILL) after 1.5 s, then started again on the same files. Returns how many
+    /// requests were answered 2xx before the kill.
+    async fn storm_kill_restart(&self, server: Server, path: &str, body: serde_json::Value) -> (u64, Server) {
+        let mut server = server;
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let (client, url, key, body) =
+                (self.client.clone(), format!("{}{path}", self.base), self.key.clone(), body.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut acknowledged = 0u64;
+                loop {
+                    match client.post(&url).bearer_auth(&key).json(&body).send().await {
+                        Ok(res) if res.status().is_success() => acknowledged += 1,
+                        Ok(res) => panic!("unexpected {}", res.status()),
+                        Err(_) => return acknowledged,
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        server.child.kill().unwrap(); // SIGKILL
+        server.child.wait().unwrap();
+        let mut acknowledged = 0;
+        for t in tasks {
+            acknowledged += t.await.unwrap();
+        }
+        assert!(acknowledged > 0, "the storm did get answers before the kill");
+        drop(server);
+        (acknowledged, start(self.dir.path(), self.port, &self.client).await)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_consumes_survive_kill_9() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let out =
-        tollgate(dir.path(), port).args(["keys", "create", "--name", "crash", "--scopes", "admin:*"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let key = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_owned();
-    let client = reqwest::Client::new();
-    let mut server = start(dir.path(), port, &client).await;
-    let base = format!("http://127.0.0.1:{port}");
-    let r = client
-        .post(format!("{base}/v1/accounts"))
-        .bearer_auth(&key)
-        .json(&json!({ "external_id": "storm" }))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
-
-    // 32 clients consume as fast as they can; the server is killed after 1.5 s.
-    let mut tasks = Vec::new();
-    for _ in 0..32 {
-        let (client, base, key) = (client.clone(), base.clone(), key.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut acknowledged = 0u64;
-            loop {
-                let body = json!({ "account": "ext:storm", "meter": "requests" });
-                match client.post(format!("{base}/v1/usage/consume")).bearer_auth(&key).json(&body).send().await {
-                    Ok(res) if res.status().is_success() => acknowledged += 1,
-                    Ok(res) => panic!("unexpected {}", res.status()),
-                    Err(_) => return acknowledged,
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    server.child.kill().unwrap(); // SIGKILL
-    server.child.wait().unwrap();
-    let mut acknowledged = 0;
-    for t in tasks {
-        acknowledged += t.await.unwrap();
-    }
-    assert!(acknowledged > 0, "the storm did get answers before the kill");
-    drop(server);
-
-    let _restarted = start(dir.path(), port, &client).await;
-    let r: serde_json::Value = client
-        .get(format!("{base}/v1/accounts/ext:storm/entitlements"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (setup, server) = Setup::new().await;
+    assert!(setup.post("/v1/accounts", json!({ "external_id": "storm" })).await.status().is_success());
+    let body = json!({ "account": "ext:storm", "meter": "requests" });
+    let (acknowledged, _restarted) = setup.storm_kill_restart(server, "/v1/usage/consume", body).await;
+    let r = setup.get("/v1/accounts/ext:storm/entitlements").await;
     let used = r["meters"][0]["windows"][0]["used"].as_u64().unwrap();
     eprintln!("acknowledged {acknowledged}, counted after restart {used}");
     // In-flight consumes may have committed without their answer arriving, never the
@@ -112,63 +130,21 @@ async fn acknowledged_consumes_survive_kill_9() {
 }
 
 /// The same for credits: spends answered 200 before a `kill -9` are all in the
-/// balance after the restart, and the balance never went below zero.
+/// balance after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_spends_survive_kill_9() {
     const GRANTED: i64 = 1_000_000;
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let out =
-        tollgate(dir.path(), port).args(["keys", "create", "--name", "crash", "--scopes", "admin:*"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let key = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_owned();
-    let client = reqwest::Client::new();
-    let mut server = start(dir.path(), port, &client).await;
-    let base = format!("http://127.0.0.1:{port}");
-    let post =
-        |path: &str, body: serde_json::Value| client.post(format!("{base}{path}")).bearer_auth(&key).json(&body).send();
-    assert!(post("/v1/accounts", json!({ "external_id": "spender" })).await.unwrap().status().is_success());
-    let r = post("/v1/accounts/ext:spender/credits/grant", json!({ "amount": GRANTED })).await.unwrap();
+    let (setup, server) = Setup::new().await;
+    assert!(setup.post("/v1/accounts", json!({ "external_id": "spender" })).await.status().is_success());
+    let r = setup.post("/v1/accounts/ext:spender/credits/grant", json!({ "amount": GRANTED })).await;
     assert!(r.status().is_success());
-
-    let mut tasks = Vec::new();
-    for _ in 0..32 {
-        let (client, base, key) = (client.clone(), base.clone(), key.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut acknowledged = 0i64;
-            loop {
-                let url = format!("{base}/v1/accounts/ext:spender/credits/spend");
-                match client.post(url).bearer_auth(&key).json(&json!({ "amount": 1 })).send().await {
-                    Ok(res) if res.status().is_success() => acknowledged += 1,
-                    Ok(res) => panic!("unexpected {}", res.status()),
-                    Err(_) => return acknowledged,
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    server.child.kill().unwrap(); // SIGKILL
-    server.child.wait().unwrap();
-    let mut acknowledged = 0;
-    for t in tasks {
-        acknowledged += t.await.unwrap();
-    }
-    assert!(acknowledged > 0, "the storm did get answers before the kill");
-    drop(server);
-
-    let _restarted = start(dir.path(), port, &client).await;
-    let r: serde_json::Value = client
-        .get(format!("{base}/v1/accounts/ext:spender/credits"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let path = "/v1/accounts/ext:spender/credits/spend";
+    let (acknowledged, _restarted) = setup.storm_kill_restart(server, path, json!({ "amount": 1 })).await;
+    let r = setup.get("/v1/accounts/ext:spender/credits").await;
     let spent = GRANTED - r["balance"].as_i64().unwrap();
     eprintln!("acknowledged {acknowledged}, spent after restart {spent}");
     assert_eq!(r["used"].as_i64().unwrap(), spent, "the totals agree with the balance");
+    let acknowledged = acknowledged as i64;
     assert!(spent >= acknowledged, "acknowledged {acknowledged}, spent {spent}");
     assert!(spent <= acknowledged + 32, "spent {spent}, acknowledged {acknowledged}: at most one in flight each");
 }
