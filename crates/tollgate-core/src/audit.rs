@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
 use crate::identity::str_enum;
-use crate::ids::{AuditEventId, UserId};
+use crate::ids::{AuditEventId, ServiceKeyId, UserId};
 
 /// Who acted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,6 +17,8 @@ pub enum Actor {
     Anonymous,
     /// Tollgate itself (CLI, background jobs).
     System,
+    /// A product's backend, by its service key.
+    ServiceKey(ServiceKeyId),
 }
 
 impl Actor {
@@ -25,12 +27,14 @@ impl Actor {
             Actor::User(_) => "user",
             Actor::Anonymous => "anonymous",
             Actor::System => "system",
+            Actor::ServiceKey(_) => "service_key",
         }
     }
 
     pub fn id(&self) -> Option<String> {
         match self {
             Actor::User(id) => Some(id.to_string()),
+            Actor::ServiceKey(id) => Some(id.to_string()),
             Actor::Anonymous | Actor::System => None,
         }
     }
@@ -38,6 +42,7 @@ impl Actor {
     pub fn from_parts(kind: &str, id: Option<&str>) -> Option<Self> {
         match (kind, id) {
             ("user", Some(id)) => id.parse().ok().map(Actor::User),
+            ("service_key", Some(id)) => id.parse().ok().map(Actor::ServiceKey),
             ("anonymous", _) => Some(Actor::Anonymous),
             ("system", _) => Some(Actor::System),
             _ => None,

@@ -253,8 +253,7 @@ pub async fn spend(
     let account = resolve_account(&state, &id).await?;
     let idempotency =
         idempotency_for(&headers, &format_args!("svc:{}", service.0.id), "credits.spend", &(&account.id, &body))?;
-    let actor = Actor::System;
-    Ok(Json(spend_from(&state, &account, actor, body, idempotency).await?))
+    Ok(Json(spend_from(&state, &account, Actor::ServiceKey(service.0.id), body, idempotency).await?))
 }
 
 /// The signed-in user spends their own credits.
@@ -294,11 +293,11 @@ async fn give(
     let route = format!("credits.{}", kind.as_str());
     let idempotency = idempotency_for(headers, &format_args!("svc:{}", service.0.id), &route, &(&account.id, &body))?;
     let now = OffsetDateTime::now_utc();
-    let mut t = CreditTransfer::new(account.id, kind, body.amount, Actor::System, now);
+    let actor = Actor::ServiceKey(service.0.id);
+    let mut t = CreditTransfer::new(account.id, kind, body.amount, actor.clone(), now);
     let action = if kind == CreditKind::Bonus { "credits.granted" } else { "credits.refunded" };
     t.audit = Some(
-        AuditEvent::new(Actor::System, action, origin, now)
-            .meta("service_key_id", service.0.id.to_string())
+        AuditEvent::new(actor, action, origin, now)
             .meta("account_id", account.id.to_string())
             .meta("amount", body.amount)
             .meta("transfer_id", t.id.to_string()),

@@ -43,6 +43,14 @@ async fn grants_spends_and_history() {
     assert_eq!((r.status, r.body["transaction"]["amount"].as_i64()), (StatusCode::OK, Some(-5)));
     let r = app.post_auth(&path("/refund"), &key, json!({ "amount": 2, "description": "failed call" })).await;
     assert_eq!(r.status, StatusCode::OK);
+    // Grants and refunds are audited with the service key as the actor.
+    let store = &app.running.as_ref().unwrap().state.store;
+    let query =
+        tollgate_core::audit::AuditQuery { action_prefix: Some("credits.".into()), limit: 10, ..Default::default() };
+    let audit = store.list_audit(query).await.unwrap();
+    let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["credits.refunded", "credits.granted"]);
+    assert!(audit.iter().all(|e| matches!(e.actor, tollgate_core::audit::Actor::ServiceKey(_))), "{audit:?}");
 
     // Refused: more than the balance (free plan: no overdraft), with the balance in the answer.
     let r = app.post_auth(&path("/spend"), &key, json!({ "amount": 18 })).await;
