@@ -9,6 +9,8 @@
 #      POST /v1/ratelimit/check with the in-memory limiter
 #   3. Tollgate on PostgreSQL (a fresh database, dropped at the end): the same consumes
 #   4. Tollgate with Redis rate limiting: POST /v1/ratelimit/check
+# Steps 2 and 3 also spend credits (POST /v1/accounts/{id}/credits/spend, one hot
+# account): one transaction per spend, not group committed.
 # Steps 3 and 4 are skipped, saying so, when PostgreSQL or Redis is not reachable.
 # Bounded: every process started here is stopped by pid at the end.
 # Usage: scripts/bench.sh [DURATION]
@@ -61,6 +63,11 @@ start_tollgate() { # name, listen, [env assignments...]; sets TG_KEY and tg_pid
   done
 }
 
+grant_credits() { # listen: a balance no run exhausts for bench-0
+  curl -sf -o /dev/null -X POST "http://$1/v1/accounts/ext:bench-0/credits/grant" -H "Authorization: Bearer $TG_KEY" \
+    -H 'Content-Type: application/json' -d '{"amount":1000000000}'
+}
+
 echo "== $(date -u +%F), $(nproc) cores, wrk -t2 -c64 -d${duration}s"
 "$target/examples/hello" 127.0.0.1:18181 & hello_pid=$!
 pids+=("$hello_pid")
@@ -71,6 +78,8 @@ start_tollgate sqlite 127.0.0.1:18182
 run_wrk "SQLite: consume, one hot account" "$tg_pid" http://127.0.0.1:18182/v1/usage/consume bench/consume.lua
 TG_ACCOUNTS=100 run_wrk "SQLite: consume, spread over 100 accounts" "$tg_pid" http://127.0.0.1:18182/v1/usage/consume bench/consume.lua
 run_wrk "rate-limit check (in memory)" "$tg_pid" http://127.0.0.1:18182/v1/ratelimit/check bench/ratelimit.lua
+grant_credits 127.0.0.1:18182
+run_wrk "SQLite: credits spend, one hot account" "$tg_pid" http://127.0.0.1:18182/ bench/spend.lua
 run_wrk "hello world again (drift check)" "$hello_pid" http://127.0.0.1:18181/
 echo "   SQLite server resident: $(ps -o rss= -p "$tg_pid") KiB"
 kill "$tg_pid"
@@ -81,6 +90,8 @@ if command -v psql >/dev/null && psql -q "$pg_url/postgres" -c "CREATE DATABASE 
   start_tollgate postgres 127.0.0.1:18183 TOLLGATE_DATABASE_URL="$pg_url/$bench_db?sslmode=disable"
   run_wrk "PostgreSQL: consume, one hot account" "$tg_pid" http://127.0.0.1:18183/v1/usage/consume bench/consume.lua
   TG_ACCOUNTS=100 run_wrk "PostgreSQL: consume, spread over 100 accounts" "$tg_pid" http://127.0.0.1:18183/v1/usage/consume bench/consume.lua
+  grant_credits 127.0.0.1:18183
+  run_wrk "PostgreSQL: credits spend, one hot account" "$tg_pid" http://127.0.0.1:18183/ bench/spend.lua
   kill "$tg_pid"
 else
   echo "-- PostgreSQL not reachable at $pg_url: skipped"

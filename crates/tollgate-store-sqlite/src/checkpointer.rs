@@ -9,9 +9,11 @@
 //! Under sustained writes that alone never lets the WAL start over (new frames land
 //! while it copies, so it never catches up, and the file grew by ~50 MB/s in a
 //! benchmark). So it also publishes how many frames the WAL holds, and when that
-//! passes [`RESTART_FRAMES`] the usage writer runs one more PASSIVE checkpoint itself
-//! between two batches: with nothing being written and most frames already copied,
-//! it finishes quickly and completely, and the next transaction starts the WAL over
+//! passes [`RESTART_FRAMES`] the writer connection runs one more PASSIVE checkpoint
+//! itself as it goes back to its pool, between two write transactions (usage batches
+//! or any other write: credit spends grew the WAL to 378 MB in 6 s when only the usage
+//! writer did this): with nothing being written and most frames already copied, it
+//! finishes quickly and completely, and the next transaction starts the WAL over
 //! (`journal_size_limit` then trims the file).
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -113,21 +115,64 @@ mod tests {
             reservation: None,
             credits: None,
         };
-        // One consume at a time: one commit each, at least one 4 KiB frame each.
-        // Enough of them that a WAL holding them all would be twice the bound.
-        let bound = 2 * super::RESTART_FRAMES as u64 * 4096;
+        // A consume writes at least one frame.
+        wal_stays_bounded(&dir, 2 * super::RESTART_FRAMES as u64 * 4096, 1, || {
+            let store = store.clone();
+            async move { store.consume_usage(request()).await.map(|_| ()) }
+        })
+        .await;
+    }
+
+    /// The same for writes outside the usage writer: credit transfers, one commit each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_starts_over_under_sustained_transfers() {
+        use tollgate_core::audit::Actor;
+        use tollgate_core::credits::{CreditKind, CreditTransfer};
+        use tollgate_core::store::BillingStore;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = Arc::new(SqliteStore::open(&format!("sqlite://{}", path.display())).await.unwrap());
+        let now = tollgate_core::conformance::t0();
+        let new = NewExternalAccount {
+            id: AccountId::new(),
+            external_id: "buyer".into(),
+            name: None,
+            email: None,
+            created_at: now,
+        };
+        let (account, _) = store.upsert_external_account(new).await.unwrap();
+        // A transfer writes at least four frames (transfers, entries and their indexes,
+        // the balance), so the WAL outgrows the restart threshold faster between two
+        // background checks; bounded by `journal_size_limit` (64 MiB) all the same.
+        wal_stays_bounded(&dir, 64 * 1024 * 1024, 4, || {
+            let store = store.clone();
+            let grant = CreditTransfer::new(account.id, CreditKind::Bonus, 1, Actor::System, now);
+            async move { store.transfer_credits(grant).await.map(|_| ()) }
+        })
+        .await;
+    }
+
+    /// Writes one at a time (a commit each, at least `frames` 4 KiB frames each),
+    /// enough of them that a WAL holding them all would be twice `bound`, and checks the
+    /// WAL file never reaches `bound`.
+    async fn wal_stays_bounded<F, W>(dir: &tempfile::TempDir, bound: u64, frames: u64, mut write: W)
+    where
+        W: FnMut() -> F,
+        F: std::future::Future<Output = Result<(), tollgate_core::StoreError>>,
+    {
         let started = std::time::Instant::now();
         let mut largest = 0;
         let mut commits = 0u64;
-        while commits * 4096 < 2 * bound && started.elapsed() < std::time::Duration::from_secs(60) {
-            store.consume_usage(request()).await.unwrap();
+        while commits * frames * 4096 < 2 * bound && started.elapsed() < std::time::Duration::from_secs(60) {
+            write().await.unwrap();
             commits += 1;
             if commits.is_multiple_of(100) {
                 let wal = std::fs::metadata(dir.path().join("t.db-wal")).map(|m| m.len()).unwrap_or(0);
                 largest = largest.max(wal);
             }
         }
-        assert!(commits * 4096 >= 2 * bound, "too few commits to tell: {commits}");
+        assert!(commits * frames * 4096 >= 2 * bound, "too few commits to tell: {commits}");
         assert!(largest < bound, "WAL reached {largest} bytes after {commits} commits");
     }
 }

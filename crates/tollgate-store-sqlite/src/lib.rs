@@ -60,21 +60,36 @@ impl SqliteStore {
         // The writer never checkpoints: an automatic checkpoint runs inside the commit
         // that crosses the threshold, fsyncs the database file, and stalls every
         // consume of that batch. `checkpointer` does it beside the writer instead.
+        let alive = std::sync::Arc::new(());
+        let wal_size = std::sync::Arc::new(checkpointer::WalSize::default());
+        let restart = wal_size.clone();
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            // Between two write transactions (after their callers were answered), when
+            // the WAL has grown: see `checkpointer`. Every writer passes here, the
+            // usage writer's batches and every other store write alike.
+            .after_release(move |conn, _| {
+                let restart = restart.clone();
+                Box::pin(async move {
+                    if restart.take_restart_due()
+                        && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *conn).await
+                    {
+                        tracing::warn!(error = %e, "WAL checkpoint by the writer failed");
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await
             .map_err(unavailable)?;
-        let alive = std::sync::Arc::new(());
-        let wal_size = std::sync::Arc::new(checkpointer::WalSize::default());
         checkpointer::spawn(options.clone(), std::sync::Arc::downgrade(&alive), wal_size.clone()).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await
             .map_err(unavailable)?;
-        let usage = usage_writer::UsageWriter::spawn(writer.clone(), wal_size)?;
+        let usage = usage_writer::UsageWriter::spawn(writer.clone())?;
         Ok(Self { writer, reader, usage, cache: Default::default(), _alive: alive })
     }
 

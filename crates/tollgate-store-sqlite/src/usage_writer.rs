@@ -11,7 +11,6 @@
 //! writer of `usage_counters` in the process (SQLite has one process writing).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool};
 use sqlx::{Connection, QueryBuilder};
@@ -23,7 +22,6 @@ use tollgate_core::metering::{
 };
 use tollgate_core::{StoreError, Timestamp};
 
-use crate::checkpointer::WalSize;
 use crate::db_error;
 use crate::rows::micros;
 
@@ -50,7 +48,7 @@ impl UsageWriter {
     /// Starts the writer on its own thread: on the shared runtime, each of a batch's
     /// awaits on SQLite queued the writer behind every request task, and a batch
     /// took as long as the whole server's backlog (p99 latency, BENCHMARKS.md).
-    pub(crate) fn spawn(pool: SqlitePool, wal_size: Arc<WalSize>) -> Result<Self, StoreError> {
+    pub(crate) fn spawn(pool: SqlitePool) -> Result<Self, StoreError> {
         let (jobs, rx) = mpsc::channel(MAX_BATCH * 8);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -58,7 +56,7 @@ impl UsageWriter {
             .map_err(|e| StoreError::Unavailable(format!("usage writer runtime: {e}")))?;
         std::thread::Builder::new()
             .name("tollgate-usage-writer".into())
-            .spawn(move || runtime.block_on(run(pool, rx, wal_size)))
+            .spawn(move || runtime.block_on(run(pool, rx)))
             .map_err(|e| StoreError::Unavailable(format!("usage writer thread: {e}")))?;
         Ok(Self { jobs })
     }
@@ -106,7 +104,7 @@ struct Cache {
     accounts: HashSet<AccountId>,
 }
 
-async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>, wal_size: Arc<WalSize>) {
+async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>) {
     let mut cache = Cache::default();
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
@@ -146,13 +144,8 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>, wal_size: Arc<WalSiz
                 }
             }
         }
-        // After the answers, so that no caller waits for it; nothing is being written
-        // now (see `checkpointer.rs`).
-        if wal_size.take_restart_due()
-            && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *conn).await
-        {
-            tracing::warn!(error = %e, "WAL checkpoint by the writer failed");
-        }
+        // Releasing the connection (after the answers) may checkpoint: see
+        // `checkpointer.rs` and the writer pool's `after_release`.
     }
 }
 
