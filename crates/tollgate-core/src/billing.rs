@@ -175,6 +175,63 @@ pub fn replaces(stored: &crate::accounts::Subscription, state: &ProviderSubscrip
     newer && (state.status.is_live() || !stored.status.is_live())
 }
 
+/// The subscription a provider state makes of the stored one, or `None` when the
+/// stored one stands ([`replaces`]). `updated_at` is the next version after the stored.
+pub fn subscription_from_state(
+    stored: Option<&crate::accounts::Subscription>,
+    provider: &str,
+    state: &ProviderSubscription,
+    now: Timestamp,
+) -> Option<crate::accounts::Subscription> {
+    if stored.is_some_and(|stored| !replaces(stored, state)) {
+        return None;
+    }
+    Some(crate::accounts::Subscription {
+        account_id: state.account,
+        plan: state.plan.clone(),
+        status: state.status,
+        provider: provider.to_owned(),
+        started_at: state.started_at,
+        trial_ends_at: state.trial_ends_at,
+        cancel_at_period_end: state.cancel_at_period_end,
+        scheduled_plan: None,
+        scheduled_at: if state.cancel_at_period_end { state.cancel_at } else { None },
+        updated_at: crate::accounts::Subscription::version_after(stored.map(|s| s.updated_at), now),
+        provider_subscription_id: Some(state.provider_subscription_id.clone()),
+        provider_state_at: Some(state.at),
+    })
+}
+
+/// What an invoice of `provider_subscription_id`, paid or failed at `at`, makes of
+/// the stored subscription: failed → `past_due`, paid → `active` again, unless the
+/// subscription is another one, has ended, or holds a newer provider state. `None`:
+/// unchanged.
+pub fn subscription_after_invoice(
+    stored: &crate::accounts::Subscription,
+    provider_subscription_id: &str,
+    payment: PaymentStatus,
+    at: Timestamp,
+    now: Timestamp,
+) -> Option<crate::accounts::Subscription> {
+    use crate::accounts::SubscriptionStatus::{Active, PastDue};
+    if stored.provider_subscription_id.as_deref() != Some(provider_subscription_id) || !stored.status.is_live() {
+        return None;
+    }
+    let status = match payment {
+        PaymentStatus::Failed => PastDue,
+        PaymentStatus::Succeeded if stored.status == PastDue => Active,
+        _ => return None,
+    };
+    if !supersedes(at, status, stored.provider_state_at, stored.status) {
+        return None;
+    }
+    let mut next = stored.clone();
+    next.status = status;
+    next.provider_state_at = Some(at);
+    next.updated_at = crate::accounts::Subscription::version_after(Some(stored.updated_at), now);
+    Some(next)
+}
+
 /// The credits a refund of `amount_refunded` (cumulative) out of `amount` should
 /// have taken back in total from a payment that bought `credits`, minus what earlier
 /// refunds already took (or failed to take).

@@ -30,7 +30,7 @@
 use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::types::Json;
-use tollgate_core::accounts::{Subscription, SubscriptionStatus};
+use tollgate_core::accounts::Subscription;
 use tollgate_core::billing::{
     self, BillingEffect, BillingOutcome, Payment, PaymentKind, PaymentStatus, ProviderEvent, ProviderSubscription,
 };
@@ -454,24 +454,11 @@ async fn provider_subscription(
         // Locked until commit: another event for this account (or a
         // `put_subscription`) waits, then sees what this one wrote.
         let stored = subscription_in(conn, state.account, true).await?;
-        if stored.as_ref().is_some_and(|stored| !billing::replaces(stored, state)) {
+        let Some(next) = billing::subscription_from_state(stored.as_ref(), &event.provider, state, event.received_at)
+        else {
             return Ok((BillingOutcome::Ignored, None));
-        }
-        let previous = stored.as_ref().map(|s| s.updated_at);
-        let next = Subscription {
-            account_id: state.account,
-            plan: state.plan.clone(),
-            status: state.status,
-            provider: event.provider.clone(),
-            started_at: state.started_at,
-            trial_ends_at: state.trial_ends_at,
-            cancel_at_period_end: state.cancel_at_period_end,
-            scheduled_plan: None,
-            scheduled_at: if state.cancel_at_period_end { state.cancel_at } else { None },
-            updated_at: Subscription::version_after(previous, event.received_at),
-            provider_subscription_id: Some(state.provider_subscription_id.clone()),
-            provider_state_at: Some(state.at),
         };
+        let previous = stored.as_ref().map(|s| s.updated_at);
         if write_subscription(conn, &next, previous).await? {
             return Ok((BillingOutcome::Applied, Some(next)));
         }
@@ -509,28 +496,16 @@ async fn invoice(
     }
     let Some(provider_subscription_id) = provider_subscription_id else { return Ok((BillingOutcome::Applied, None)) };
     // Locked until commit, as in `provider_subscription`.
-    let Some(mut stored) = subscription_in(conn, payment.account_id, true).await? else {
+    let Some(stored) = subscription_in(conn, payment.account_id, true).await? else {
         return Ok((BillingOutcome::Applied, None));
     };
-    if stored.provider_subscription_id.as_deref() != Some(provider_subscription_id) || !stored.status.is_live() {
-        return Ok((BillingOutcome::Applied, None));
-    }
-    let status = match payment.status {
-        PaymentStatus::Failed => SubscriptionStatus::PastDue,
-        PaymentStatus::Succeeded if stored.status == SubscriptionStatus::PastDue => SubscriptionStatus::Active,
-        _ => return Ok((BillingOutcome::Applied, None)),
-    };
-    if !billing::supersedes(at, status, stored.provider_state_at, stored.status) {
-        return Ok((BillingOutcome::Applied, None));
-    }
-    let previous = stored.updated_at;
-    stored.status = status;
-    stored.provider_state_at = Some(at);
-    stored.updated_at = Subscription::version_after(Some(previous), event.received_at);
-    if !write_subscription(conn, &stored, Some(previous)).await? {
+    let next =
+        billing::subscription_after_invoice(&stored, provider_subscription_id, payment.status, at, event.received_at);
+    let Some(next) = next else { return Ok((BillingOutcome::Applied, None)) };
+    if !write_subscription(conn, &next, Some(stored.updated_at)).await? {
         return Err(StoreError::Internal("subscription changed while locked by its own transaction".into()));
     }
-    Ok((BillingOutcome::Applied, Some(stored)))
+    Ok((BillingOutcome::Applied, Some(next)))
 }
 
 /// Takes back a refunded payment's credits in proportion, as far as the balance

@@ -5,7 +5,7 @@
 
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
-use tollgate_core::accounts::{Subscription, SubscriptionStatus};
+use tollgate_core::accounts::Subscription;
 use tollgate_core::billing::{
     self, BillingEffect, BillingOutcome, Payment, PaymentKind, PaymentStatus, ProviderEvent, ProviderSubscription,
 };
@@ -414,24 +414,11 @@ async fn provider_subscription(
     state: &ProviderSubscription,
 ) -> Result<(BillingOutcome, Option<Subscription>), StoreError> {
     let stored = subscription_in(conn, state.account).await?;
-    if stored.as_ref().is_some_and(|stored| !billing::replaces(stored, state)) {
+    let Some(next) = billing::subscription_from_state(stored.as_ref(), &event.provider, state, event.received_at)
+    else {
         return Ok((BillingOutcome::Ignored, None));
-    }
-    let previous = stored.as_ref().map(|s| s.updated_at);
-    let next = Subscription {
-        account_id: state.account,
-        plan: state.plan.clone(),
-        status: state.status,
-        provider: event.provider.clone(),
-        started_at: state.started_at,
-        trial_ends_at: state.trial_ends_at,
-        cancel_at_period_end: state.cancel_at_period_end,
-        scheduled_plan: None,
-        scheduled_at: if state.cancel_at_period_end { state.cancel_at } else { None },
-        updated_at: Subscription::version_after(previous, event.received_at),
-        provider_subscription_id: Some(state.provider_subscription_id.clone()),
-        provider_state_at: Some(state.at),
     };
+    let previous = stored.as_ref().map(|s| s.updated_at);
     if !write_subscription(conn, &next, previous).await? {
         return Err(StoreError::Internal("subscription changed inside its own transaction".into()));
     }
@@ -462,28 +449,16 @@ async fn invoice(
         .map_err(db_error)?;
     }
     let Some(provider_subscription_id) = provider_subscription_id else { return Ok((BillingOutcome::Applied, None)) };
-    let Some(mut stored) = subscription_in(conn, payment.account_id).await? else {
+    let Some(stored) = subscription_in(conn, payment.account_id).await? else {
         return Ok((BillingOutcome::Applied, None));
     };
-    if stored.provider_subscription_id.as_deref() != Some(provider_subscription_id) || !stored.status.is_live() {
-        return Ok((BillingOutcome::Applied, None));
-    }
-    let status = match payment.status {
-        PaymentStatus::Failed => SubscriptionStatus::PastDue,
-        PaymentStatus::Succeeded if stored.status == SubscriptionStatus::PastDue => SubscriptionStatus::Active,
-        _ => return Ok((BillingOutcome::Applied, None)),
-    };
-    if !billing::supersedes(at, status, stored.provider_state_at, stored.status) {
-        return Ok((BillingOutcome::Applied, None));
-    }
-    let previous = stored.updated_at;
-    stored.status = status;
-    stored.provider_state_at = Some(at);
-    stored.updated_at = Subscription::version_after(Some(previous), event.received_at);
-    if !write_subscription(conn, &stored, Some(previous)).await? {
+    let next =
+        billing::subscription_after_invoice(&stored, provider_subscription_id, payment.status, at, event.received_at);
+    let Some(next) = next else { return Ok((BillingOutcome::Applied, None)) };
+    if !write_subscription(conn, &next, Some(stored.updated_at)).await? {
         return Err(StoreError::Internal("subscription changed inside its own transaction".into()));
     }
-    Ok((BillingOutcome::Applied, Some(stored)))
+    Ok((BillingOutcome::Applied, Some(next)))
 }
 
 /// Takes back a refunded payment's credits in proportion, as far as the balance
