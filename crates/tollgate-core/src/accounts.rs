@@ -133,6 +133,12 @@ pub enum Scope {
     /// Start checkouts and portal sessions for accounts.
     #[serde(rename = "billing:write")]
     BillingWrite,
+    /// The admin API's reads (`GET /v1/admin/...`).
+    #[serde(rename = "admin:read")]
+    AdminRead,
+    /// The admin API's changes (suspend, delete, revoke sessions, ...).
+    #[serde(rename = "admin:write")]
+    AdminWrite,
     /// Everything, including the admin API.
     #[serde(rename = "admin:*")]
     Admin,
@@ -147,11 +153,13 @@ str_enum!(Scope {
     CreditsRead => "credits:read",
     CreditsWrite => "credits:write",
     BillingWrite => "billing:write",
+    AdminRead => "admin:read",
+    AdminWrite => "admin:write",
     Admin => "admin:*",
 });
 
 impl Scope {
-    pub const ALL: [Scope; 9] = [
+    pub const ALL: [Scope; 11] = [
         Scope::UsageRead,
         Scope::UsageWrite,
         Scope::AccountsRead,
@@ -160,6 +168,8 @@ impl Scope {
         Scope::CreditsRead,
         Scope::CreditsWrite,
         Scope::BillingWrite,
+        Scope::AdminRead,
+        Scope::AdminWrite,
         Scope::Admin,
     ];
 }

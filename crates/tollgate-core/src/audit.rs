@@ -118,10 +118,22 @@ impl AuditEvent {
     }
 }
 
-/// Filter for reading the audit log back.
+/// Filter for reading the audit log back, newest first. Every filter narrows.
 #[derive(Clone, Debug, Default)]
 pub struct AuditQuery {
     pub target_user: Option<UserId>,
     pub action_prefix: Option<String>,
+    /// Exactly this action.
+    pub action: Option<String>,
+    pub actor: Option<Actor>,
+    /// `(target_type, target_id)`.
+    pub target: Option<(String, String)>,
+    pub severity: Option<Severity>,
+    /// At or after.
+    pub from: Option<Timestamp>,
+    /// Strictly before.
+    pub to: Option<Timestamp>,
+    /// Strictly older than this event (the previous page's last): keyset pagination.
+    pub before: Option<(Timestamp, AuditEventId)>,
     pub limit: u32,
 }

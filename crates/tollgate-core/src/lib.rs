@@ -6,6 +6,7 @@
 //! as one transaction.
 
 pub mod accounts;
+pub mod admin;
 pub mod audit;
 pub mod billing;
 pub mod credits;

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 
 use crate::Timestamp;
 use crate::accounts::{Account, NewExternalAccount, ServiceKey, Subscription};
+use crate::admin::{UserChange, UserPage, UserQuery};
 use crate::audit::{AuditEvent, AuditQuery};
 use crate::billing::{BillingEffect, BillingOutcome, Payment, ProviderEvent};
 use crate::credits::{CreditBalance, CreditReceipt, CreditTransaction, CreditTransfer, LedgerCheck, TransactionQuery};
@@ -95,6 +96,17 @@ pub trait Store: BillingStore + Send + Sync + 'static {
     /// Gives an existing user the admin role, or creates an admin without a password;
     /// then issues `token` (a password-reset link) for them.
     async fn upsert_admin(&self, user: NewUser, token: OneTimeToken, audit: AuditEvent) -> Result<User, StoreError>;
+
+    // ---- admin -------------------------------------------------------------------
+
+    /// A page of users matching `query` in its order, and how many match in all.
+    async fn admin_users(&self, query: UserQuery) -> Result<UserPage, StoreError>;
+
+    /// Applies an admin's change to a user who is not deleted, with its audit event,
+    /// in one transaction. A change to `Suspended` or `Deleted` also revokes every live
+    /// session and ends every outstanding link. `NotFound` for an unknown or deleted
+    /// user, `Conflict("users_email")` when the new email is taken.
+    async fn admin_update_user(&self, id: UserId, change: UserChange, audit: AuditEvent) -> Result<User, StoreError>;
 
     // ---- one-time tokens ---------------------------------------------------------
 

@@ -10,6 +10,7 @@
 //! batches, see `usage_batch.rs`; the credits ledger, provider events and payments
 //! (balance, subscription and payment row locks), see `billing.rs`.
 
+mod admin;
 mod billing;
 mod migrations;
 mod read_cache;

@@ -12,6 +12,7 @@ use sqlx::QueryBuilder;
 use sqlx::postgres::{PgConnection, Postgres};
 use sqlx::types::Json;
 use tollgate_core::accounts::{Account, NewExternalAccount, ServiceKey, Subscription};
+use tollgate_core::admin::{UserChange, UserPage, UserQuery};
 use tollgate_core::audit::{Actor, AuditEvent, AuditQuery, Severity};
 use tollgate_core::billing::{BillingEffect, BillingOutcome, Payment, ProviderEvent};
 use tollgate_core::credits::{
@@ -30,7 +31,7 @@ use tollgate_core::{Store, StoreError, Timestamp};
 use uuid::Uuid;
 
 use crate::rows::{self, get};
-use crate::{PgStore, billing, db_error, usage};
+use crate::{PgStore, admin, billing, db_error, usage};
 
 pub(crate) async fn insert_audit(conn: &mut PgConnection, e: &AuditEvent) -> Result<(), StoreError> {
     sqlx::query(
@@ -124,7 +125,7 @@ async fn insert_user(conn: &mut PgConnection, u: &NewUser) -> Result<(), StoreEr
     Ok(())
 }
 
-async fn fetch_user(conn: &mut PgConnection, id: UserId) -> Result<Option<User>, StoreError> {
+pub(crate) async fn fetch_user(conn: &mut PgConnection, id: UserId) -> Result<Option<User>, StoreError> {
     let row = sqlx::query(concat!("SELECT ", rows::user_columns!(), " FROM users WHERE id = $1"))
         .bind(id.0)
         .fetch_optional(conn)
@@ -184,7 +185,7 @@ async fn mark_verified(conn: &mut PgConnection, user: UserId, now: Timestamp) ->
 }
 
 /// Revokes live sessions of `user`, optionally sparing one; returns how many.
-async fn revoke_all(
+pub(crate) async fn revoke_all(
     conn: &mut PgConnection,
     user: UserId,
     except: Option<SessionId>,
@@ -239,7 +240,11 @@ fn check_session_owner(session: &NewSession, token_user: UserId) -> Result<(), S
 }
 
 /// Marks every unused reset, magic, email-change and MFA link of the user used.
-async fn end_outstanding_links(conn: &mut PgConnection, user: UserId, now: Timestamp) -> Result<(), StoreError> {
+pub(crate) async fn end_outstanding_links(
+    conn: &mut PgConnection,
+    user: UserId,
+    now: Timestamp,
+) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE one_time_tokens SET used_at = $2 WHERE user_id = $1 AND used_at IS NULL \
            AND purpose IN ('password_reset', 'magic_link', 'change_email', 'mfa_login')",
@@ -483,6 +488,14 @@ impl Store for PgStore {
             Err(StoreError::Conflict("users_email")) => self.upsert_admin_once(&user, token, &audit).await,
             result => result,
         }
+    }
+
+    async fn admin_users(&self, query: UserQuery) -> Result<UserPage, StoreError> {
+        admin::users(self, query).await
+    }
+
+    async fn admin_update_user(&self, id: UserId, change: UserChange, audit: AuditEvent) -> Result<User, StoreError> {
+        admin::update_user(self, id, change, audit).await
     }
 
     async fn issue_token(&self, token: NewOneTimeToken) -> Result<(), StoreError> {
@@ -850,6 +863,31 @@ impl Store for PgStore {
         if let Some(prefix) = query.action_prefix {
             // starts_with, not LIKE: no wildcard escaping to get wrong.
             sql.push(" AND starts_with(action, ").push_bind(prefix).push(")");
+        }
+        if let Some(action) = query.action {
+            sql.push(" AND action = ").push_bind(action);
+        }
+        if let Some(actor) = query.actor {
+            sql.push(" AND actor_type = ").push_bind(actor.kind());
+            match actor.id() {
+                Some(id) => sql.push(" AND actor_id = ").push_bind(id),
+                None => sql.push(" AND actor_id IS NULL"),
+            };
+        }
+        if let Some((kind, id)) = query.target {
+            sql.push(" AND target_type = ").push_bind(kind).push(" AND target_id = ").push_bind(id);
+        }
+        if let Some(severity) = query.severity {
+            sql.push(" AND severity = ").push_bind(severity.as_str());
+        }
+        if let Some(from) = query.from {
+            sql.push(" AND created_at >= ").push_bind(from);
+        }
+        if let Some(to) = query.to {
+            sql.push(" AND created_at < ").push_bind(to);
+        }
+        if let Some((at, id)) = query.before {
+            sql.push(" AND (created_at, id) < (").push_bind(at).push(", ").push_bind(id.0).push(")");
         }
         sql.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(query.limit.clamp(1, 1000)));
         let rows = sql.build().fetch_all(&self.pool).await.map_err(db_error)?;

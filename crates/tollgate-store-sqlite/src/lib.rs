@@ -5,6 +5,7 @@
 //! `SQLITE_BUSY` lock upgrades (the classic "database is locked"). WAL lets readers
 //! run alongside the writer.
 
+mod admin;
 mod billing;
 mod checkpointer;
 mod migrations;

@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{Sqlite, SqliteConnection};
 use sqlx::{QueryBuilder, Row};
 use tollgate_core::accounts::{Account, NewExternalAccount, ServiceKey, Subscription};
+use tollgate_core::admin::{UserChange, UserPage, UserQuery};
 use tollgate_core::audit::{AuditEvent, AuditQuery};
 use tollgate_core::billing::{BillingEffect, BillingOutcome, Payment, ProviderEvent};
 use tollgate_core::credits::{
@@ -24,7 +25,7 @@ use tollgate_core::{Store, StoreError, Timestamp};
 use uuid::Uuid;
 
 use crate::rows::{self, micros};
-use crate::{SqliteStore, billing, db_error, usage};
+use crate::{SqliteStore, admin, billing, db_error, usage};
 
 pub(crate) async fn insert_audit(conn: &mut SqliteConnection, e: &AuditEvent) -> Result<(), StoreError> {
     sqlx::query(
@@ -118,7 +119,7 @@ async fn insert_user(conn: &mut SqliteConnection, u: &NewUser) -> Result<(), Sto
     Ok(())
 }
 
-async fn fetch_user(conn: &mut SqliteConnection, id: UserId) -> Result<Option<User>, StoreError> {
+pub(crate) async fn fetch_user(conn: &mut SqliteConnection, id: UserId) -> Result<Option<User>, StoreError> {
     let row = sqlx::query(concat!("SELECT ", rows::user_columns!(), " FROM users WHERE id = ?1"))
         .bind(id.0)
         .fetch_optional(conn)
@@ -176,7 +177,7 @@ async fn mark_verified(conn: &mut SqliteConnection, user: UserId, now: Timestamp
 }
 
 /// Revokes live sessions of `user`, optionally sparing one; returns how many.
-async fn revoke_all(
+pub(crate) async fn revoke_all(
     conn: &mut SqliteConnection,
     user: UserId,
     except: Option<SessionId>,
@@ -203,7 +204,11 @@ fn check_session_owner(session: &NewSession, token_user: UserId) -> Result<(), S
 }
 
 /// Marks every unused reset, magic, email-change and MFA link of the user used.
-async fn end_outstanding_links(conn: &mut SqliteConnection, user: UserId, now: Timestamp) -> Result<(), StoreError> {
+pub(crate) async fn end_outstanding_links(
+    conn: &mut SqliteConnection,
+    user: UserId,
+    now: Timestamp,
+) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE one_time_tokens SET used_at = ?2 WHERE user_id = ?1 AND used_at IS NULL            AND purpose IN ('password_reset', 'magic_link', 'change_email', 'mfa_login')",
     )
@@ -433,6 +438,14 @@ impl Store for SqliteStore {
         let admin = fetch_user(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
         tx.commit().await.map_err(db_error)?;
         Ok(admin)
+    }
+
+    async fn admin_users(&self, query: UserQuery) -> Result<UserPage, StoreError> {
+        admin::users(self, query).await
+    }
+
+    async fn admin_update_user(&self, id: UserId, change: UserChange, audit: AuditEvent) -> Result<User, StoreError> {
+        admin::update_user(self, id, change, audit).await
     }
 
     async fn issue_token(&self, token: NewOneTimeToken) -> Result<(), StoreError> {
@@ -786,6 +799,31 @@ impl Store for SqliteStore {
         if let Some(prefix) = query.action_prefix {
             // substr, not LIKE: no wildcard escaping to get wrong.
             sql.push(" AND substr(action, 1, ").push_bind(prefix.chars().count() as i64).push(") = ").push_bind(prefix);
+        }
+        if let Some(action) = query.action {
+            sql.push(" AND action = ").push_bind(action);
+        }
+        if let Some(actor) = query.actor {
+            sql.push(" AND actor_type = ").push_bind(actor.kind());
+            match actor.id() {
+                Some(id) => sql.push(" AND actor_id = ").push_bind(id),
+                None => sql.push(" AND actor_id IS NULL"),
+            };
+        }
+        if let Some((kind, id)) = query.target {
+            sql.push(" AND target_type = ").push_bind(kind).push(" AND target_id = ").push_bind(id);
+        }
+        if let Some(severity) = query.severity {
+            sql.push(" AND severity = ").push_bind(severity.as_str());
+        }
+        if let Some(from) = query.from {
+            sql.push(" AND created_at >= ").push_bind(micros(from));
+        }
+        if let Some(to) = query.to {
+            sql.push(" AND created_at < ").push_bind(micros(to));
+        }
+        if let Some((at, id)) = query.before {
+            sql.push(" AND (created_at, id) < (").push_bind(micros(at)).push(", ").push_bind(id.0).push(")");
         }
         sql.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(query.limit.clamp(1, 1000)));
         let rows = sql.build().fetch_all(&self.reader).await.map_err(db_error)?;

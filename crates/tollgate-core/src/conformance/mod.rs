@@ -3,8 +3,14 @@
 //! [`conformance_tests!`](crate::conformance_tests), so SQLite and PostgreSQL are held
 //! to exactly the same contract.
 
+mod admin;
 mod credits;
 mod usage;
+
+pub use admin::{
+    admin_suspension_ends_sessions_in_one_transaction, admin_user_lists_filter_sort_and_page,
+    admin_user_pages_are_stable_under_inserts,
+};
 
 pub use credits::{
     concurrent_spends_never_overdraw, credits_move_by_balanced_transfers, idempotent_spends_count_once,
@@ -65,6 +71,8 @@ macro_rules! conformance_tests {
             credits_move_by_balanced_transfers, concurrent_spends_never_overdraw, idempotent_spends_count_once,
             ledger_stays_balanced_under_random_sequences, provider_events_apply_once,
             provider_subscriptions_never_move_backwards, provider_customers_link_once, spent_windows_draw_on_credits,
+            admin_user_lists_filter_sort_and_page, admin_user_pages_are_stable_under_inserts,
+            admin_suspension_ends_sessions_in_one_transaction,
         );
     };
     (@expand $make:expr; $($name:ident),+ $(,)?) => {
@@ -123,7 +131,7 @@ fn token(purpose: TokenPurpose, user: UserId, now: Timestamp, ttl: Duration) -> 
     (secret, token)
 }
 
-fn session_for(user: UserId, now: Timestamp) -> (SecretToken, NewSession) {
+pub(crate) fn session_for(user: UserId, now: Timestamp) -> (SecretToken, NewSession) {
     let refresh = SecretToken::generate();
     let s = NewSession {
         id: SessionId::new(),

@@ -1,0 +1,141 @@
+//! The admin side's user queries and changes: a filtered, keyset-paginated list with
+//! its total, and an admin's change to a user with its audit event.
+
+use sqlx::QueryBuilder;
+use sqlx::postgres::Postgres;
+use tollgate_core::admin::{SortValue, UserChange, UserPage, UserQuery, UserSortField};
+use tollgate_core::audit::AuditEvent;
+use tollgate_core::identity::{EmailAddress, Role, User, UserStatus};
+use tollgate_core::ids::UserId;
+use tollgate_core::{StoreError, Timestamp};
+
+use crate::rows;
+use crate::store::{end_outstanding_links, fetch_user, insert_audit, revoke_all};
+use crate::{PgStore, db_error};
+
+const LIVE_SUBSCRIPTION: &str = "SELECT 1 FROM subscriptions s WHERE s.account_id = users.account_id \
+     AND s.status IN ('trialing', 'active', 'past_due')";
+
+/// The `WHERE` clause of a user query, without its cursor (the total counts it all).
+fn push_filters(sql: &mut QueryBuilder<Postgres>, query: &UserQuery) {
+    match query.status {
+        Some(status) => sql.push(" WHERE status = ").push_bind(status.as_str()),
+        None => sql.push(" WHERE status <> 'deleted'"),
+    };
+    if let Some(role) = query.role {
+        sql.push(" AND role = ").push_bind(role.as_str());
+    }
+    if let Some(q) = &query.q {
+        // strpos, not LIKE: no wildcard escaping to get wrong. Emails are stored
+        // lower-cased; names are compared lower-cased.
+        sql.push(" AND (strpos(email, ").push_bind(q.clone());
+        sql.push(") > 0 OR strpos(lower(COALESCE(name, '')), ").push_bind(q.clone()).push(") > 0");
+        if let Some(prefix) = query.id_prefix() {
+            sql.push(" OR left(replace(id::text, '-', ''), ").push_bind(prefix.len() as i32);
+            sql.push(") = ").push_bind(prefix);
+        }
+        sql.push(")");
+    }
+    if let Some(plan) = &query.plan {
+        sql.push(" AND (EXISTS (").push(LIVE_SUBSCRIPTION).push(" AND s.plan_key = ").push_bind(plan.key.clone());
+        sql.push(")");
+        if plan.is_default {
+            sql.push(" OR NOT EXISTS (").push(LIVE_SUBSCRIPTION).push(")");
+        }
+        sql.push(")");
+    }
+    if let Some(after) = query.created_after {
+        sql.push(" AND created_at >= ").push_bind(after);
+    }
+    if let Some(before) = query.created_before {
+        sql.push(" AND created_at < ").push_bind(before);
+    }
+}
+
+fn from_micros(us: i64) -> Result<Timestamp, StoreError> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .map_err(|_| StoreError::Internal("cursor time out of range".into()))
+}
+
+pub(crate) async fn users(store: &PgStore, query: UserQuery) -> Result<UserPage, StoreError> {
+    let sort_expr = match query.sort.field {
+        UserSortField::Created => "created_at",
+        UserSortField::LastLogin => "COALESCE(last_login_at, 'epoch'::timestamptz)",
+        UserSortField::Email => "email",
+    };
+    let direction = if query.sort.descending { "DESC" } else { "ASC" };
+    // REPEATABLE READ: the page and its total see the same snapshot.
+    let mut tx = store.pool.begin().await.map_err(db_error)?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let mut count: QueryBuilder<Postgres> = QueryBuilder::new("SELECT COUNT(*) FROM users");
+    push_filters(&mut count, &query);
+    let total: i64 = count.build_query_scalar().fetch_one(&mut *tx).await.map_err(db_error)?;
+
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(concat!("SELECT ", rows::user_columns!(), " FROM users"));
+    push_filters(&mut sql, &query);
+    if let Some(cursor) = &query.after {
+        let op = if query.sort.descending { "<" } else { ">" };
+        sql.push(format_args!(" AND ({sort_expr}, id) {op} ("));
+        match &cursor.value {
+            SortValue::Micros(v) => sql.push_bind(from_micros(*v)?),
+            SortValue::Text(v) => sql.push_bind(v.clone()),
+        };
+        sql.push(", ").push_bind(cursor.id.0).push(")");
+    }
+    sql.push(format_args!(" ORDER BY {sort_expr} {direction}, id {direction} LIMIT "));
+    sql.push_bind(i64::from(query.page_size()) + 1);
+    let found = sql.build().fetch_all(&mut *tx).await.map_err(db_error)?;
+    let users = found.iter().map(rows::user).collect::<Result<Vec<_>, _>>()?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(UserPage::from_rows(users, total as u64, &query))
+}
+
+pub(crate) async fn update_user(
+    store: &PgStore,
+    id: UserId,
+    change: UserChange,
+    audit: AuditEvent,
+) -> Result<User, StoreError> {
+    let now = audit.created_at;
+    let mut tx = store.pool.begin().await.map_err(db_error)?;
+    // Locks the row: two admins changing one user apply one after the other.
+    sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let before =
+        fetch_user(&mut tx, id).await?.filter(|u| u.status != UserStatus::Deleted).ok_or(StoreError::NotFound)?;
+    sqlx::query(
+        "UPDATE users SET status = COALESCE($2, status), role = COALESCE($3, role), \
+         name = CASE WHEN $4 THEN $5 ELSE name END, email = COALESCE($6, email), updated_at = $7 WHERE id = $1",
+    )
+    .bind(id.0)
+    .bind(change.status.map(UserStatus::as_str))
+    .bind(change.role.map(Role::as_str))
+    .bind(change.name.is_some())
+    .bind(change.name.clone().flatten())
+    .bind(change.email.as_ref().map(EmailAddress::as_str))
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let email_changed = change.email.as_ref().is_some_and(|e| *e != before.email);
+    if change.ends_sessions() {
+        revoke_all(&mut tx, id, None, now).await?;
+    }
+    if change.ends_sessions() || email_changed {
+        end_outstanding_links(&mut tx, id, now).await?;
+    }
+    let mut audit = audit;
+    if audit.target_id.is_none() {
+        audit = audit.target_user(id);
+    }
+    insert_audit(&mut tx, &audit).await?;
+    let after = fetch_user(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(after)
+}
