@@ -36,6 +36,15 @@ pub struct Claims {
     pub exp: i64,
     pub iat: i64,
     pub jti: String,
+    /// RFC 8693 actor: on an impersonation token, the admin acting as `sub`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<ActorClaim>,
+}
+
+/// The `act` claim (RFC 8693 section 4.1): who is really acting.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ActorClaim {
+    pub sub: String,
 }
 
 impl Claims {
@@ -47,6 +56,10 @@ impl Claims {
     }
     pub fn account_id(&self) -> Option<AccountId> {
         self.acc.parse().ok()
+    }
+    /// An impersonation token: someone else (`act.sub`) acts as this user.
+    pub fn is_impersonation(&self) -> bool {
+        self.act.is_some()
     }
 }
 
@@ -258,6 +271,7 @@ impl AccessTokens {
             iat: now.unix_timestamp(),
             exp: now.unix_timestamp() + self.ttl.as_secs() as i64,
             jti: Uuid::now_v7().to_string(),
+            act: None,
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(key.kid.clone());

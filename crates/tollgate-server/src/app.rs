@@ -17,7 +17,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ApiError, rate_limit_headers};
 use crate::observe::ObserveLayer;
-use crate::routes::{accounts, auth, billing, credits, me, mfa, ops, pages, plans, ratelimit, usage};
+use crate::routes::{accounts, admin, auth, billing, credits, me, mfa, ops, pages, plans, ratelimit, usage};
 use crate::state::AppState;
 
 /// Largest accepted request body.
@@ -38,6 +38,7 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
         (name = "usage", description = "Check and consume quotas: the hot path (service key)"),
         (name = "credits", description = "Credit packages, balances, spending, grants, payments"),
         (name = "billing", description = "Stripe checkout, customer portal and webhooks"),
+        (name = "admin", description = "Users and the audit log (admin users, or service keys with admin:read / admin:write)"),
     )
 )]
 struct ApiDoc;
@@ -111,6 +112,12 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(billing::checkout))
         .routes(routes!(billing::portal))
         .routes(routes!(billing::stripe_webhook));
+    let admin = OpenApiRouter::new()
+        .routes(routes!(admin::list_users))
+        .routes(routes!(admin::get_user, admin::update_user, admin::delete_user))
+        .routes(routes!(admin::revoke_sessions))
+        .routes(routes!(admin::clear_rate_limits))
+        .routes(routes!(admin::audit_log));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
@@ -121,7 +128,13 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(pages::verify_email))
         .routes(routes!(pages::reset_password_form, pages::reset_password))
         .route_layer(middleware::from_fn_with_state(state.clone(), limit_auth_by_ip));
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(auth).merge(me).merge(product).merge(operations).merge(pages)
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(auth)
+        .merge(me)
+        .merge(product)
+        .merge(admin)
+        .merge(operations)
+        .merge(pages)
 }
 
 /// The OpenAPI 3.1 document served at `/openapi.json`.

@@ -31,6 +31,9 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     /// Stripe billing; `None` when neither key is set.
     pub stripe: Option<StripeConfig>,
+    /// Admin users must have 2FA on to use the admin API. Default: on, except in the
+    /// embedded dev setup (SQLite and a loopback listen address).
+    pub admin_require_2fa: bool,
 }
 
 #[derive(Clone)]
@@ -118,6 +121,7 @@ struct FileConfig {
     redis: Option<FileRedis>,
     smtp: Option<FileSmtp>,
     stripe: Option<FileStripe>,
+    admin_require_2fa: Option<bool>,
 }
 
 #[derive(Default, Deserialize)]
@@ -363,7 +367,13 @@ impl Config {
         } else {
             None
         };
+        // Off only where nobody but the developer can reach it: the embedded database
+        // on a loopback address. Anything else (PostgreSQL, or listening beyond this
+        // machine) is a deployment, and an admin's password alone is not enough there.
+        let embedded_dev = database_url.starts_with("sqlite:") && listen.ip().is_loopback();
+        let admin_require_2fa = bool_var("TOLLGATE_ADMIN_REQUIRE_2FA", file.admin_require_2fa, !embedded_dev)?;
         Ok(Self {
+            admin_require_2fa,
             listen,
             data_dir,
             database_url,
@@ -460,6 +470,19 @@ mod tests {
         assert_eq!(c.auth.ip_limit, RateLimit::per(5, Duration::from_secs(10)));
         assert_eq!(c.auth.failed_login_limit, RateLimit::per(3, Duration::from_secs(60)));
         assert_eq!(c.smtp.unwrap().url, "smtp://127.0.0.1:25");
+    }
+
+    #[test]
+    fn admin_2fa_is_required_outside_the_embedded_dev_setup() {
+        assert!(!Config::resolve(FileConfig::default(), &env_of(&[])).unwrap().admin_require_2fa);
+        let public = env_of(&[("TOLLGATE_LISTEN", "0.0.0.0:8080")]);
+        assert!(Config::resolve(FileConfig::default(), &public).unwrap().admin_require_2fa);
+        let postgres = env_of(&[("TOLLGATE_DATABASE_URL", "postgres://postgres@127.0.0.1/x")]);
+        assert!(Config::resolve(FileConfig::default(), &postgres).unwrap().admin_require_2fa);
+        let off = env_of(&[("TOLLGATE_LISTEN", "0.0.0.0:8080"), ("TOLLGATE_ADMIN_REQUIRE_2FA", "false")]);
+        assert!(!Config::resolve(FileConfig::default(), &off).unwrap().admin_require_2fa);
+        let file: FileConfig = toml::from_str("admin_require_2fa = true").unwrap();
+        assert!(Config::resolve(file, &env_of(&[])).unwrap().admin_require_2fa);
     }
 
     #[test]

@@ -34,6 +34,12 @@ pub enum ApiError {
     AccountSuspended,
     #[error("not allowed")]
     Forbidden,
+    #[error("the admin API requires two-factor authentication on this account")]
+    Admin2faRequired,
+    #[error("an impersonation token cannot do this")]
+    ImpersonationForbidden,
+    #[error("an admin cannot suspend, delete or demote themselves")]
+    AdminSelfChange,
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -124,6 +130,9 @@ impl ApiError {
             EmailNotVerified => ("email_not_verified", StatusCode::FORBIDDEN),
             AccountSuspended => ("account_suspended", StatusCode::FORBIDDEN),
             Forbidden => ("forbidden", StatusCode::FORBIDDEN),
+            Admin2faRequired => ("admin_2fa_required", StatusCode::FORBIDDEN),
+            ImpersonationForbidden => ("impersonation_forbidden", StatusCode::FORBIDDEN),
+            AdminSelfChange => ("admin_self_change", StatusCode::CONFLICT),
             NotFound => ("not_found", StatusCode::NOT_FOUND),
             MethodNotAllowed => ("method_not_allowed", StatusCode::METHOD_NOT_ALLOWED),
             EmailTaken => ("email_taken", StatusCode::CONFLICT),

@@ -4,13 +4,14 @@
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, FromRef, FromRequest, FromRequestParts, Request};
-use axum::http::header;
 use axum::http::request::Parts;
+use axum::http::{Method, header};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
-use tollgate_core::audit::RequestOrigin;
-use tollgate_core::identity::{Session, User, UserStatus};
+use tollgate_core::accounts::Scope;
+use tollgate_core::audit::{Actor, RequestOrigin};
+use tollgate_core::identity::{Role, Session, User, UserStatus};
 
 use crate::access_token::{Claims, TokenError};
 use crate::error::ApiError;
@@ -194,6 +195,64 @@ where
             Ok(Caller::Service(crate::service_key::Service::from_request_parts(parts, state).await?))
         } else {
             Ok(Caller::User(Box::new(CurrentUser::from_request_parts(parts, state).await?)))
+        }
+    }
+}
+
+/// Who may use the admin API: a signed-in user whose role is `admin` (active, with 2FA
+/// on when `admin_require_2fa` says so, and not through an impersonation token), or a
+/// service key with `admin:read` for reads and `admin:write` for changes (`admin:*`
+/// for both). The scope follows the method, so no handler can forget to check it.
+pub enum Admin {
+    User(Box<CurrentUser>),
+    Service(crate::service_key::Service),
+}
+
+impl Admin {
+    /// Who the audit log names for what this admin does.
+    pub fn actor(&self) -> Actor {
+        match self {
+            Admin::User(current) => Actor::User(current.user.id),
+            Admin::Service(service) => Actor::ServiceKey(service.0.id),
+        }
+    }
+
+    /// The admin user, when the admin is one (a service key is not a user).
+    pub fn user_id(&self) -> Option<tollgate_core::ids::UserId> {
+        match self {
+            Admin::User(current) => Some(current.user.id),
+            Admin::Service(_) => None,
+        }
+    }
+}
+
+impl<S> FromRequestParts<S> for Admin
+where
+    S: Send + Sync,
+    AppState: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let reads = parts.method == Method::GET || parts.method == Method::HEAD;
+        match Caller::from_request_parts(parts, state).await? {
+            Caller::Service(service) => {
+                service.require(if reads { Scope::AdminRead } else { Scope::AdminWrite })?;
+                Ok(Admin::Service(service))
+            }
+            Caller::User(current) => {
+                if current.claims.is_impersonation() {
+                    return Err(ApiError::ImpersonationForbidden);
+                }
+                // The role as stored now, not as the token says: a demotion applies at once.
+                if current.user.role != Role::Admin {
+                    return Err(ApiError::Forbidden);
+                }
+                if AppState::from_ref(state).config.admin_require_2fa && !current.user.totp_enabled() {
+                    return Err(ApiError::Admin2faRequired);
+                }
+                Ok(Admin::User(current))
+            }
         }
     }
 }

@@ -124,7 +124,7 @@ pub async fn create_account(
     };
     let (account, created) = state.store.upsert_external_account(new).await?;
     if created && let Some(plan) = body.plan.filter(|p| *p != catalog.default_plan().key) {
-        change_subscription(&state, &service, &origin, &account, |_, now| {
+        change_subscription(&state, &account, by_service(&service, &origin), |_, now| {
             Ok(Some((fresh_subscription(&account, &plan, 0, now), "subscription.changed")))
         })
         .await?;
@@ -135,7 +135,7 @@ pub async fn create_account(
 
 /// A subscription to `plan` starting now (a new billing period), with no scheduled
 /// change.
-fn fresh_subscription(account: &Account, plan: &str, trial_days: u32, now: OffsetDateTime) -> Subscription {
+pub(crate) fn fresh_subscription(account: &Account, plan: &str, trial_days: u32, now: OffsetDateTime) -> Subscription {
     Subscription {
         account_id: account.id,
         plan: plan.to_owned(),
@@ -162,11 +162,11 @@ const CHANGE_ATTEMPTS: usize = 5;
 /// changed meanwhile, the store refuses and the change is decided again on the new
 /// state, so a cancel and a downgrade racing each other both take effect in some
 /// order instead of one silently overwriting the other.
-async fn change_subscription(
+/// `audit` gives the event of a change (its action, the new subscription).
+pub(crate) async fn change_subscription(
     state: &AppState,
-    service: &Service,
-    origin: &tollgate_core::audit::RequestOrigin,
     account: &Account,
+    audit: impl Fn(&'static str, &Subscription) -> AuditEvent,
     mut change: impl FnMut(Option<Subscription>, OffsetDateTime) -> Result<Option<(Subscription, &'static str)>, ApiError>,
 ) -> Result<(), ApiError> {
     let mut was_live = false;
@@ -184,13 +184,12 @@ async fn change_subscription(
         was_live = current.is_some();
         let Some((mut next, action)) = change(current, now)? else { return Ok(()) };
         next.updated_at = Subscription::version_after(previous, now);
-        let audit = AuditEvent::new(Actor::System, action, origin, next.updated_at)
-            .meta("service_key_id", service.0.id.to_string())
+        let event = audit(action, &next)
             .meta("account_id", next.account_id.to_string())
             .meta("plan", next.plan.clone())
             .meta("scheduled_plan", next.scheduled_plan.clone())
             .meta("cancel_at_period_end", next.cancel_at_period_end);
-        match state.store.put_subscription(next, previous, audit).await {
+        match state.store.put_subscription(next, previous, event).await {
             Err(StoreError::Conflict("subscription_changed")) => continue,
             other => return Ok(other?),
         }
@@ -198,9 +197,19 @@ async fn change_subscription(
     Err(ApiError::ConcurrentChange)
 }
 
+/// The audit event of a subscription change made through a service key.
+fn by_service<'a>(
+    service: &'a Service,
+    origin: &'a tollgate_core::audit::RequestOrigin,
+) -> impl Fn(&'static str, &Subscription) -> AuditEvent + 'a {
+    move |action, next| {
+        AuditEvent::new(Actor::System, action, origin, next.updated_at).meta("service_key_id", service.0.id.to_string())
+    }
+}
+
 /// The live subscription as it stands now, with a scheduled change that is already
 /// due folded in (so a new change starts from the plan really in force).
-fn settled(subscription: Option<Subscription>, now: OffsetDateTime) -> Option<Subscription> {
+pub(crate) fn settled(subscription: Option<Subscription>, now: OffsetDateTime) -> Option<Subscription> {
     let mut s = subscription.filter(|s| s.status.is_live())?;
     let plan = effective_plan_key(Some(&s), now)?;
     if s.scheduled_at.is_some_and(|at| at <= now) {
@@ -267,7 +276,7 @@ pub async fn put_subscription(
         }]));
     }
     let (plan, trial_days, at_period_end) = (body.plan, body.trial_days, body.at_period_end);
-    change_subscription(&state, &service, &origin, &account, |current, now| {
+    change_subscription(&state, &account, by_service(&service, &origin), |current, now| {
         Ok(match current {
             Some(mut current) if at_period_end => {
                 current.scheduled_at = Some(period_end(current.started_at, now));
@@ -334,7 +343,7 @@ pub async fn cancel_subscription(
             state.billing.checkout_provider()?.cancel_subscription(provider_id).await?;
         }
     }
-    change_subscription(&state, &service, &origin, &account, |current, now| {
+    change_subscription(&state, &account, by_service(&service, &origin), |current, now| {
         let mut current = current.ok_or(ApiError::NotFound)?;
         if query.at_period_end {
             current.cancel_at_period_end = true;

@@ -84,11 +84,16 @@ pub struct EmailRequest {
 /// whether the address is registered or not. Each address gets a few such emails per
 /// window (`email_limit`); past that the request is still answered 202 but sends
 /// nothing, so nobody can flood a mailbox through Tollgate.
+/// The budget key for emails sent to an address, as typed.
+pub fn email_limit_key(email: &str) -> String {
+    format!("mail:{}", email.trim().to_lowercase().chars().take(254).collect::<String>())
+}
+
 async fn email_in_background<F>(state: &AppState, email: &str, what: &'static str, work: F)
 where
     F: Future<Output = Result<(), IdentityError>> + Send + 'static,
 {
-    let key = format!("mail:{}", email.trim().to_lowercase().chars().take(254).collect::<String>());
+    let key = email_limit_key(email);
     if !state.limiter.hit(&key, state.config.auth.email_limit, 1).await.allowed {
         tracing::info!("{what}: per-address email limit reached; nothing sent");
         return;

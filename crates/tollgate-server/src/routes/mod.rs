@@ -2,6 +2,7 @@
 //! identity flow, shape the answer.
 
 pub mod accounts;
+pub mod admin;
 pub mod attempts;
 pub mod auth;
 pub mod billing;

@@ -44,6 +44,7 @@ pub struct Builder {
     plans_file: Option<PathBuf>,
     redis_prefix: Option<String>,
     stripe: Option<tollgate_server::config::StripeConfig>,
+    admin_require_2fa: bool,
 }
 
 impl TestApp {
@@ -56,6 +57,7 @@ impl TestApp {
             plans_file: None,
             redis_prefix: None,
             stripe: None,
+            admin_require_2fa: false,
         }
     }
 
@@ -179,6 +181,12 @@ impl Builder {
         self
     }
 
+    /// Admins need 2FA for the admin API.
+    pub fn admin_require_2fa(mut self) -> Self {
+        self.admin_require_2fa = true;
+        self
+    }
+
     pub fn database_url(mut self, url: String) -> Self {
         self.database_url = Some(url);
         self
@@ -218,6 +226,7 @@ impl Builder {
                 on_failure: tollgate_server::rate_limit::FailureMode::Closed,
             }),
             stripe: self.stripe,
+            admin_require_2fa: self.admin_require_2fa,
         };
         let running = server::start(config.clone()).await.unwrap();
         let base = format!("http://{}", running.addr);

@@ -5,6 +5,7 @@ mod helpers;
 mod smtp_sink;
 
 mod accounts;
+mod admin;
 mod auth;
 mod billing;
 mod credits;
