@@ -108,6 +108,12 @@ pub trait Store: BillingStore + Send + Sync + 'static {
     /// user, `Conflict("users_email")` when the new email is taken.
     async fn admin_update_user(&self, id: UserId, change: UserChange, audit: AuditEvent) -> Result<User, StoreError>;
 
+    /// Opens a session in which an admin acts as an active user (an impersonation):
+    /// no refresh token (it cannot outlive `expires_at`), the user's `last_login_at`
+    /// untouched, and the audit event, in one transaction. `NotFound` unless the user
+    /// is active.
+    async fn start_impersonation(&self, session: NewSession, audit: AuditEvent) -> Result<Session, StoreError>;
+
     // ---- one-time tokens ---------------------------------------------------------
 
     /// Stores a token (and its email in the outbox) in one transaction.

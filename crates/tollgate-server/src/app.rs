@@ -83,7 +83,8 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(credits::my_balance))
         .routes(routes!(credits::my_transactions))
         .routes(routes!(credits::my_spend))
-        .routes(routes!(credits::my_payments));
+        .routes(routes!(credits::my_payments))
+        .route_layer(middleware::from_fn_with_state(state.clone(), crate::impersonation::record_requests));
     let product = OpenApiRouter::new()
         .routes(routes!(plans::list_plans))
         .routes(routes!(accounts::create_account))
@@ -117,6 +118,7 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(admin::get_user, admin::update_user, admin::delete_user))
         .routes(routes!(admin::revoke_sessions))
         .routes(routes!(admin::clear_rate_limits))
+        .routes(routes!(admin::impersonate))
         .routes(routes!(admin::audit_log));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))

@@ -95,17 +95,21 @@ pub struct Origin(pub RequestOrigin);
 
 const MAX_USER_AGENT: usize = 512;
 
+/// Ip and user agent of a request (no impersonator: see `CurrentUser::origin`).
+pub fn origin_of(headers: &axum::http::HeaderMap, extensions: &axum::http::Extensions) -> RequestOrigin {
+    let ip = extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|ua| ua.chars().take(MAX_USER_AGENT).collect());
+    RequestOrigin { ip, user_agent, impersonator: None }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Origin {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
-        let user_agent = parts
-            .headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|ua| ua.chars().take(MAX_USER_AGENT).collect());
-        Ok(Origin(RequestOrigin { ip, user_agent }))
+        Ok(Origin(origin_of(&parts.headers, &parts.extensions)))
     }
 }
 
@@ -116,6 +120,33 @@ pub struct CurrentUser {
     pub user: User,
     pub session: Session,
     pub claims: Claims,
+}
+
+impl CurrentUser {
+    /// The admin acting as this user, when the token is an impersonation token.
+    pub fn impersonator(&self) -> Option<tollgate_core::ids::UserId> {
+        self.claims.impersonator()
+    }
+
+    /// Who the audit log names for what this request does.
+    pub fn actor(&self) -> Actor {
+        match self.impersonator() {
+            Some(admin) => Actor::Impersonator { admin, user: self.user.id },
+            None => Actor::User(self.user.id),
+        }
+    }
+
+    /// `origin` with the impersonator, if any, so the events it goes into name both.
+    pub fn origin(&self, mut origin: RequestOrigin) -> RequestOrigin {
+        origin.impersonator = self.impersonator();
+        origin
+    }
+
+    /// 403 `impersonation_forbidden` for an impersonation token: password, email and
+    /// second-factor changes are the user's own.
+    pub fn refuse_impersonation(&self) -> Result<(), ApiError> {
+        if self.claims.is_impersonation() { Err(ApiError::ImpersonationForbidden) } else { Ok(()) }
+    }
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
@@ -146,6 +177,12 @@ where
         let now = OffsetDateTime::now_utc();
         if !session.is_live(now) || user.status != UserStatus::Active || claims.user_id() != Some(user.id) {
             return Err(ApiError::Unauthenticated);
+        }
+        if claims.is_impersonation() {
+            let admin = claims.impersonator().ok_or(ApiError::Unauthenticated)?;
+            if let Some(slot) = parts.extensions.get::<crate::impersonation::Slot>() {
+                slot.fill(admin, user.id);
+            }
         }
         if session.last_seen_at < now - TOUCH_EVERY {
             state.store.touch_session(session.id, now, now - TOUCH_EVERY).await?;

@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod impersonation;
 pub mod mailer;
 pub mod metrics;
 pub mod observe;

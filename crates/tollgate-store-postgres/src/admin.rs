@@ -5,12 +5,12 @@ use sqlx::QueryBuilder;
 use sqlx::postgres::Postgres;
 use tollgate_core::admin::{SortValue, UserChange, UserPage, UserQuery, UserSortField};
 use tollgate_core::audit::AuditEvent;
-use tollgate_core::identity::{EmailAddress, Role, User, UserStatus};
+use tollgate_core::identity::{EmailAddress, NewSession, Role, Session, User, UserStatus};
 use tollgate_core::ids::UserId;
 use tollgate_core::{StoreError, Timestamp};
 
 use crate::rows;
-use crate::store::{end_outstanding_links, fetch_user, insert_audit, revoke_all};
+use crate::store::{end_outstanding_links, fetch_session, fetch_user, insert_audit, revoke_all};
 use crate::{PgStore, db_error};
 
 const LIVE_SUBSCRIPTION: &str = "SELECT 1 FROM subscriptions s WHERE s.account_id = users.account_id \
@@ -138,4 +138,40 @@ pub(crate) async fn update_user(
     let after = fetch_user(&mut tx, id).await?.ok_or(StoreError::NotFound)?;
     tx.commit().await.map_err(db_error)?;
     Ok(after)
+}
+
+pub(crate) async fn start_impersonation(
+    store: &PgStore,
+    s: NewSession,
+    audit: AuditEvent,
+) -> Result<Session, StoreError> {
+    let mut tx = store.pool.begin().await.map_err(db_error)?;
+    // Locks the user: a suspension racing this either comes first (refused here) or
+    // after (and revokes this session too).
+    sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+        .bind(s.user_id.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    fetch_user(&mut tx, s.user_id).await?.filter(|u| u.status == UserStatus::Active).ok_or(StoreError::NotFound)?;
+    sqlx::query(
+        "INSERT INTO sessions (id, user_id, ip, user_agent, created_at, last_seen_at, expires_at) VALUES ($1, $2, $3, $4, $5, $5, $6)",
+    )
+    .bind(s.id.0)
+    .bind(s.user_id.0)
+    .bind(&s.ip)
+    .bind(&s.user_agent)
+    .bind(s.created_at)
+    .bind(s.expires_at)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let mut audit = audit;
+    if audit.target_id.is_none() {
+        audit = audit.target_user(s.user_id);
+    }
+    insert_audit(&mut tx, &audit).await?;
+    let session = fetch_session(&mut tx, s.id).await?.ok_or(StoreError::NotFound)?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(session)
 }

@@ -165,7 +165,7 @@ async fn insert_session(conn: &mut PgConnection, s: &NewSession) -> Result<Sessi
     rows::session(&row)
 }
 
-async fn fetch_session(conn: &mut PgConnection, id: SessionId) -> Result<Option<Session>, StoreError> {
+pub(crate) async fn fetch_session(conn: &mut PgConnection, id: SessionId) -> Result<Option<Session>, StoreError> {
     let row = sqlx::query(concat!("SELECT ", rows::session_columns!(), " FROM sessions WHERE id = $1"))
         .bind(id.0)
         .fetch_optional(conn)
@@ -496,6 +496,10 @@ impl Store for PgStore {
 
     async fn admin_update_user(&self, id: UserId, change: UserChange, audit: AuditEvent) -> Result<User, StoreError> {
         admin::update_user(self, id, change, audit).await
+    }
+
+    async fn start_impersonation(&self, session: NewSession, audit: AuditEvent) -> Result<Session, StoreError> {
+        admin::start_impersonation(self, session, audit).await
     }
 
     async fn issue_token(&self, token: NewOneTimeToken) -> Result<(), StoreError> {

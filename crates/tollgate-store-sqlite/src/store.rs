@@ -157,7 +157,7 @@ async fn insert_session(conn: &mut SqliteConnection, s: &NewSession) -> Result<S
     fetch_session(conn, s.id).await?.ok_or(StoreError::NotFound)
 }
 
-async fn fetch_session(conn: &mut SqliteConnection, id: SessionId) -> Result<Option<Session>, StoreError> {
+pub(crate) async fn fetch_session(conn: &mut SqliteConnection, id: SessionId) -> Result<Option<Session>, StoreError> {
     let row = sqlx::query(concat!("SELECT ", rows::session_columns!(), " FROM sessions WHERE id = ?1"))
         .bind(id.0)
         .fetch_optional(conn)
@@ -446,6 +446,10 @@ impl Store for SqliteStore {
 
     async fn admin_update_user(&self, id: UserId, change: UserChange, audit: AuditEvent) -> Result<User, StoreError> {
         admin::update_user(self, id, change, audit).await
+    }
+
+    async fn start_impersonation(&self, session: NewSession, audit: AuditEvent) -> Result<Session, StoreError> {
+        admin::start_impersonation(self, session, audit).await
     }
 
     async fn issue_token(&self, token: NewOneTimeToken) -> Result<(), StoreError> {

@@ -142,7 +142,7 @@ pub async fn admin_suspension_ends_sessions_in_one_transaction(store: Arc<dyn St
     let (refresh, s) = session_for(user.id, now);
     store.create_session(s, audit("login.succeeded", now)).await.unwrap();
     let admin = UserId::new();
-    let origin = RequestOrigin { ip: Some("10.1.1.1".into()), user_agent: Some("admin-ui".into()) };
+    let origin = RequestOrigin { ip: Some("10.1.1.1".into()), user_agent: Some("admin-ui".into()), impersonator: None };
     let event = AuditEvent::new(Actor::User(admin), "admin.user.suspended", &origin, now + Duration::seconds(1))
         .severity(Severity::Warning);
     let change = UserChange { status: Some(UserStatus::Suspended), name: Some(None), ..Default::default() };
@@ -201,4 +201,31 @@ pub async fn admin_suspension_ends_sessions_in_one_transaction(store: Arc<dyn St
         before = page.last().map(|e| (e.created_at, e.id));
     }
     assert_eq!(seen, store.list_audit(AuditQuery { limit: 1000, ..Default::default() }).await.unwrap().len());
+}
+
+pub async fn impersonation_sessions_do_not_count_as_logins(store: Arc<dyn Store>) {
+    let now = t0();
+    let user = store.create_user(new_user("ada@example.com", now), None, audit("a", now)).await.unwrap();
+    let admin = UserId::new();
+    let (refresh, s) = session_for(user.id, now);
+    let origin = RequestOrigin::default();
+    let event =
+        AuditEvent::new(Actor::User(admin), "admin.user.impersonated", &origin, now).severity(Severity::Critical);
+    let session = store.start_impersonation(s, event.clone()).await.unwrap();
+    assert_eq!(session.user_id, user.id);
+    assert_eq!(store.user_by_id(user.id).await.unwrap().unwrap().last_login_at, None, "not a login");
+    assert_eq!(store.list_sessions(user.id, now).await.unwrap(), vec![session.clone()], "visible to the user");
+    let rotation = Rotation { presented: refresh.digest(), replacement: SecretToken::generate().digest(), now };
+    assert_eq!(store.rotate_refresh_token(rotation).await.unwrap(), RefreshOutcome::Invalid, "no refresh token");
+    let logged = store.list_audit(AuditQuery { target_user: Some(user.id), limit: 10, ..Default::default() });
+    assert_eq!(logged.await.unwrap()[0], event.target_user(user.id));
+
+    // Only active users.
+    let suspend = UserChange { status: Some(UserStatus::Suspended), ..Default::default() };
+    store.admin_update_user(user.id, suspend, audit("admin.user.suspended", now)).await.unwrap();
+    let (_, s) = session_for(user.id, now);
+    let err = store.start_impersonation(s, audit("admin.user.impersonated", now)).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let (_, s) = session_for(UserId::new(), now);
+    assert!(store.start_impersonation(s, audit("admin.user.impersonated", now)).await.is_err());
 }

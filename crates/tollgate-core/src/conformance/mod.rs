@@ -9,7 +9,7 @@ mod usage;
 
 pub use admin::{
     admin_suspension_ends_sessions_in_one_transaction, admin_user_lists_filter_sort_and_page,
-    admin_user_pages_are_stable_under_inserts,
+    admin_user_pages_are_stable_under_inserts, impersonation_sessions_do_not_count_as_logins,
 };
 
 pub use credits::{
@@ -72,7 +72,7 @@ macro_rules! conformance_tests {
             ledger_stays_balanced_under_random_sequences, provider_events_apply_once,
             provider_subscriptions_never_move_backwards, provider_customers_link_once, spent_windows_draw_on_credits,
             admin_user_lists_filter_sort_and_page, admin_user_pages_are_stable_under_inserts,
-            admin_suspension_ends_sessions_in_one_transaction,
+            admin_suspension_ends_sessions_in_one_transaction, impersonation_sessions_do_not_count_as_logins,
         );
     };
     (@expand $make:expr; $($name:ident),+ $(,)?) => {
@@ -95,7 +95,7 @@ pub fn t0() -> Timestamp {
 }
 
 fn origin() -> RequestOrigin {
-    RequestOrigin { ip: Some("127.0.0.1".into()), user_agent: Some("conformance".into()) }
+    RequestOrigin { ip: Some("127.0.0.1".into()), user_agent: Some("conformance".into()), impersonator: None }
 }
 
 pub(crate) fn audit(action: &str, now: Timestamp) -> AuditEvent {

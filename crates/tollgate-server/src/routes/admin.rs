@@ -19,8 +19,8 @@ use tollgate_core::audit::{Actor, AuditEvent, AuditQuery, RequestOrigin, Severit
 use tollgate_core::billing::Payment;
 use tollgate_core::credits::{CreditBalance, CreditTransaction, TransactionQuery};
 use tollgate_core::identity::flows::{FieldError, parse_name};
-use tollgate_core::identity::{EmailAddress, Role, SessionScope, User, UserStatus};
-use tollgate_core::ids::{AuditEventId, UserId};
+use tollgate_core::identity::{EmailAddress, NewSession, Role, SecretToken, SessionScope, User, UserStatus};
+use tollgate_core::ids::{AuditEventId, SessionId, UserId};
 use tollgate_core::metering::quotas::Entitlements;
 use utoipa::{IntoParams, ToSchema};
 
@@ -647,4 +647,73 @@ pub async fn audit_log(
         })
         .flatten();
     Ok(Json(AuditPage { events: events.into_iter().map(AuditEventView::from).collect(), next_cursor }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Impersonation {
+    /// An access token for the user whose `act` claim names the admin; refused by
+    /// the admin API and by password, email and 2FA changes.
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub user: UserView,
+}
+
+/// Starts acting as a user: a short-lived access token (15 minutes at most, no
+/// refresh token) in a session of its own, which the user sees in their session list
+/// and which revoking the user's sessions ends. Admin users only: the token names the
+/// admin in its `act` claim, and a service key is nobody to name.
+#[utoipa::path(post, path = "/v1/admin/users/{id}/impersonate", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "User id")),
+    responses(
+        (status = 200, description = "An impersonation token", body = Impersonation),
+        (status = 403, description = "`forbidden` for a service key; `account_suspended` for a suspended user", body = ErrorResponse),
+        (status = 404, description = "No such user (or deleted)", body = ErrorResponse),
+        (status = 422, description = "`validation_failed`: impersonating yourself", body = ErrorResponse),
+    ))]
+pub async fn impersonate(
+    State(state): State<AppState>,
+    admin: Admin,
+    Origin(origin): Origin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Impersonation>> {
+    let Admin::User(current) = &admin else { return Err(ApiError::Forbidden) };
+    let user = live_user(&state, &id).await?;
+    match user.status {
+        UserStatus::Deleted => return Err(ApiError::NotFound),
+        UserStatus::Suspended => return Err(ApiError::AccountSuspended),
+        UserStatus::Active => {}
+    }
+    if user.id == current.user.id {
+        return Err(invalid("id", "you cannot impersonate yourself"));
+    }
+    let now = OffsetDateTime::now_utc();
+    let ttl = crate::impersonation::MAX_TTL.min(state.tokens.ttl());
+    let expires_at = now + ttl;
+    let session = NewSession {
+        id: SessionId::new(),
+        user_id: user.id,
+        ip: origin.ip.clone(),
+        user_agent: origin.user_agent.clone(),
+        created_at: now,
+        expires_at,
+        // Never handed out: an impersonation cannot be extended.
+        refresh_digest: SecretToken::generate().digest(),
+    };
+    let event = AuditEvent::new(admin.actor(), "admin.user.impersonated", &origin, now)
+        .target_user(user.id)
+        .severity(Severity::Critical)
+        .meta("session_id", session.id.to_string())
+        .meta("expires_in_seconds", ttl.as_secs());
+    let session = state.store.start_impersonation(session, event).await?;
+    let access_token = state
+        .tokens
+        .issue_impersonation(&user, &session, current.user.id, now, ttl)
+        .map_err(|e| ApiError::Internal(format!("signing an impersonation token: {e}")))?;
+    Ok(Json(Impersonation {
+        access_token,
+        token_type: "Bearer",
+        expires_in: ttl.as_secs(),
+        user: UserView::from(&user),
+    }))
 }

@@ -275,7 +275,7 @@ pub async fn logout(
     Origin(origin): Origin,
     current: CurrentUser,
 ) -> ApiResult<StatusCode> {
-    state.identity.logout(current.user.id, current.session.id, &origin).await?;
+    state.identity.logout(current.user.id, current.session.id, &current.origin(origin)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -274,7 +274,7 @@ pub async fn my_spend(
     let account = state.store.account_by_id(current.user.account_id).await?.ok_or(ApiError::NotFound)?;
     let idempotency =
         idempotency_for(&headers, &format_args!("user:{}", current.user.id), "credits.spend", &(&account.id, &body))?;
-    Ok(Json(spend_from(&state, &account, Actor::User(current.user.id), body, idempotency).await?))
+    Ok(Json(spend_from(&state, &account, current.actor(), body, idempotency).await?))
 }
 
 /// A grant (`bonus`) or a give-back (`refund`) by a backend, audited.

@@ -89,6 +89,7 @@ pub async fn change_password(
     ApiJson(body): ApiJson<ChangePasswordRequest>,
 ) -> ApiResult<StatusCode> {
     let keys = [user_password_key(&current.user.email)];
+    current.refuse_impersonation()?;
     let attempt = state.identity.change_password(&current.user, current.session.id, &body.current, &body.new, &origin);
     limited_attempt(&state, &keys, attempt).await??;
     Ok(StatusCode::NO_CONTENT)
@@ -116,6 +117,7 @@ pub async fn change_email(
     current: CurrentUser,
     ApiJson(body): ApiJson<ChangeEmailRequest>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    current.refuse_impersonation()?;
     let keys = [user_password_key(&current.user.email)];
     limited_attempt(&state, &keys, state.identity.request_email_change(&current.user, &body.email, &body.password))
         .await??;
@@ -149,6 +151,7 @@ pub async fn revoke_session(
     current: CurrentUser,
     Path(id): Path<Uuid>,
 ) -> ApiResult<StatusCode> {
+    let origin = current.origin(origin);
     state.identity.revoke_sessions(current.user.id, SessionScope::One(SessionId(id)), &origin).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -166,7 +169,9 @@ pub async fn revoke_other_sessions(
     Origin(origin): Origin,
     current: CurrentUser,
 ) -> ApiResult<Json<RevokedCount>> {
-    let revoked =
-        state.identity.revoke_sessions(current.user.id, SessionScope::AllExcept(current.session.id), &origin).await?;
+    let revoked = state
+        .identity
+        .revoke_sessions(current.user.id, SessionScope::AllExcept(current.session.id), &current.origin(origin))
+        .await?;
     Ok(Json(RevokedCount { revoked }))
 }

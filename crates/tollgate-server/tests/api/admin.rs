@@ -405,3 +405,117 @@ async fn the_audit_log_pages_and_refuses_bad_filters() {
     }
     app.stop().await;
 }
+
+/// The claims of a JWT, read without verifying (the server verified it).
+fn claims(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+async fn impersonation_acts_as_the_user_but_never_as_admin(app: &TestApp) {
+    let (admin, admin_id) = admin_user(app, "root@example.com").await;
+    let (own, _) = app.signed_in("ada@example.com").await;
+    let ada = my_id(app, &own).await;
+    // The target is an admin too: the token still cannot use the admin API.
+    let key = app.service_key(&["admin:*"]).await;
+    patch(app, &format!("/v1/admin/users/{ada}"), &key, json!({ "role": "admin" })).await;
+
+    let path = format!("/v1/admin/users/{ada}/impersonate");
+    let r = app.request(Method::POST, &path, Some(&key), None).await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"), "a service key is nobody to name");
+    let r = app.request(Method::POST, &format!("/v1/admin/users/{admin_id}/impersonate"), Some(&admin), None).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "not yourself");
+    let before = events_about(app, &admin, &ada).await.len();
+    let r = app.request(Method::POST, &path, Some(&admin), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let token = r.body["access_token"].as_str().unwrap().to_owned();
+    let events = events_about(app, &admin, &ada).await;
+    assert_eq!(events.len(), before + 1);
+    assert_eq!(events[0]["action"], "admin.user.impersonated");
+    assert_eq!(events[0]["severity"], "critical");
+    assert_eq!(events[0]["actor"], json!({ "type": "user", "id": admin_id }));
+    let c = claims(&token);
+    assert_eq!((&c["sub"], &c["act"]), (&json!(ada), &json!({ "sub": admin_id })));
+    assert!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap() <= 900, "short-lived");
+    assert!(r.body.get("refresh_token").is_none());
+
+    // It is the user on /v1/me...
+    let r = app.get_auth("/v1/me", &token).await;
+    assert_eq!(r.body["user"]["id"], ada.as_str());
+    let r = patch(app, "/v1/me", &token, json!({ "name": "Set by support" })).await;
+    assert_eq!(r.status, StatusCode::OK);
+    // ...never an admin, and never the user's own credentials.
+    for (method, path) in [
+        (Method::GET, "/v1/admin/users".to_owned()),
+        (Method::GET, format!("/v1/admin/users/{ada}")),
+        (Method::PATCH, format!("/v1/admin/users/{admin_id}")),
+        (Method::POST, format!("/v1/admin/users/{admin_id}/impersonate")),
+        (Method::GET, "/v1/admin/audit-log".to_owned()),
+    ] {
+        let r = app.request(method, &path, Some(&token), Some(json!({ "name": "x" }))).await;
+        assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "impersonation_forbidden"), "{path}");
+    }
+    for (path, body) in [
+        ("/v1/me/password", json!({ "current": PASSWORD, "new": "a brand new password" })),
+        ("/v1/me/email", json!({ "email": "evil@example.com", "password": PASSWORD })),
+        ("/v1/me/2fa/setup", json!({})),
+        ("/v1/me/2fa/enable", json!({ "password": PASSWORD, "code": "123456" })),
+        ("/v1/me/2fa/disable", json!({ "password": PASSWORD, "code": "123456" })),
+        ("/v1/me/2fa/recovery-codes", json!({ "password": PASSWORD })),
+    ] {
+        let r = app.post_auth(path, &token, body).await;
+        assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "impersonation_forbidden"), "{path}");
+    }
+
+    // Everything it did is in the audit log with both identities.
+    let both = json!({ "type": "impersonator", "id": { "admin": admin_id, "user": ada } });
+    let events = events_about(app, &admin, &ada).await;
+    let requests: Vec<&Value> = events.iter().filter(|e| e["action"] == "impersonation.request").collect();
+    assert!(requests.iter().all(|e| e["actor"] == both), "{requests:?}");
+    let seen: HashSet<(String, String, u64)> = requests
+        .iter()
+        .map(|e| {
+            let m = &e["metadata"];
+            (
+                m["method"].as_str().unwrap().to_owned(),
+                m["path"].as_str().unwrap().to_owned(),
+                m["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(seen.contains(&("GET".into(), "/v1/me".into(), 200)), "{seen:?}");
+    assert!(seen.contains(&("PATCH".into(), "/v1/me".into(), 200)), "{seen:?}");
+    assert!(seen.contains(&("POST".into(), "/v1/me/password".into(), 403)), "{seen:?}");
+    // A change it makes names both identities on the change's own event too.
+    let r = app.request(Method::DELETE, "/v1/me/sessions", Some(&token), None).await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    let events = events_about(app, &admin, &ada).await;
+    let revoked = events.iter().find(|e| e["action"] == "session.revoked").unwrap();
+    assert_eq!(revoked["actor"], both);
+    assert_eq!(app.get_auth("/v1/me", &own).await.status, StatusCode::UNAUTHORIZED, "acted as the user");
+
+    // Revoking the user's sessions ends the impersonation at once.
+    app.request(Method::POST, &format!("/v1/admin/users/{ada}/revoke-sessions"), Some(&admin), None).await;
+    assert_eq!(app.get_auth("/v1/me", &token).await.status, StatusCode::UNAUTHORIZED);
+    // Suspended users cannot be impersonated.
+    patch(app, &format!("/v1/admin/users/{ada}"), &admin, json!({ "status": "suspended" })).await;
+    let r = app.request(Method::POST, &path, Some(&admin), None).await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "account_suspended"));
+}
+
+#[tokio::test]
+async fn impersonation_acts_as_the_user_but_never_as_admin_on_sqlite() {
+    let app = TestApp::new().await;
+    impersonation_acts_as_the_user_but_never_as_admin(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn impersonation_acts_as_the_user_but_never_as_admin_on_postgres() {
+    let Some(database) = tollgate_store_postgres::testing::TestDatabase::create().await else { return };
+    let app = TestApp::builder().database_url(database.url.clone()).start().await;
+    impersonation_acts_as_the_user_but_never_as_admin(&app).await;
+    app.stop().await;
+    database.drop().await;
+}

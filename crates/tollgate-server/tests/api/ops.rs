@@ -90,6 +90,14 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/v1/billing/checkout", "post"),
         ("/v1/billing/portal", "post"),
         ("/v1/billing/webhooks/stripe", "post"),
+        ("/v1/admin/users", "get"),
+        ("/v1/admin/users/{id}", "get"),
+        ("/v1/admin/users/{id}", "patch"),
+        ("/v1/admin/users/{id}", "delete"),
+        ("/v1/admin/users/{id}/revoke-sessions", "post"),
+        ("/v1/admin/users/{id}/clear-rate-limits", "post"),
+        ("/v1/admin/users/{id}/impersonate", "post"),
+        ("/v1/admin/audit-log", "get"),
     ];
     let mut documented = 0;
     for (path, ops) in paths {
