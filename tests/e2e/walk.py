@@ -227,6 +227,39 @@ def main():
         r = requests.post(f"{base}/v1/auth/login", json={"email": "root@example.com", "password": "admin passphrase 1"})
         role = jwt.decode(r.json()["access_token"], options={"verify_signature": False})["role"]
         check(role == "admin", "the admin signs in with role admin")
+        admin_id = r.json()["user"]["id"]
+        admin = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        r = requests.get(f"{base}/v1/admin/users", params={"q": "e2e@"}, headers=admin)
+        if database_url:
+            check(r.status_code == 403 and r.json()["error"]["code"] == "admin_2fa_required",
+                  "outside the embedded dev setup an admin needs 2FA")
+            setup = requests.post(f"{base}/v1/me/2fa/setup", headers=admin).json()
+            r = requests.post(f"{base}/v1/me/2fa/enable", headers=admin,
+                              json={"password": "admin passphrase 1", "code": pyotp.TOTP(setup["secret"]).now()})
+            check(r.status_code == 200, "the admin turns 2FA on")
+            r = requests.get(f"{base}/v1/admin/users", params={"q": "e2e@"}, headers=admin)
+        check(r.status_code == 200 and r.json()["total"] == 1, "the admin finds the user")
+        user_id = r.json()["users"][0]["id"]
+        r = requests.post(f"{base}/v1/admin/users/{user_id}/impersonate", headers=admin)
+        check(r.status_code == 200, "the admin impersonates the user")
+        token = r.json()["access_token"]
+        jwks = jwt.PyJWKSet.from_dict(requests.get(f"{base}/.well-known/jwks.json").json())
+        key = next(k for k in jwks.keys if k.key_id == jwt.get_unverified_header(token)["kid"])
+        claims = jwt.decode(token, key=key, algorithms=["EdDSA"], issuer=base)
+        check(claims["sub"] == user_id and claims["act"] == {"sub": admin_id} and claims["exp"] - claims["iat"] <= 900,
+              "the impersonation token's act claim (RFC 8693), verified offline with PyJWT")
+        imp = {"Authorization": f"Bearer {token}"}
+        check(requests.get(f"{base}/v1/me", headers=imp).json()["user"]["id"] == user_id, "it acts as the user")
+        r = requests.get(f"{base}/v1/admin/users", headers=imp)
+        check(r.status_code == 403 and r.json()["error"]["code"] == "impersonation_forbidden", "it is never an admin")
+        r = requests.patch(f"{base}/v1/admin/users/{user_id}", headers=admin, json={"status": "suspended"})
+        check(r.status_code == 200 and r.json()["user"]["status"] == "suspended", "the admin suspends the user")
+        check(requests.get(f"{base}/v1/me", headers=imp).status_code == 401, "suspension ends their tokens at once")
+        r = requests.get(f"{base}/v1/admin/audit-log", headers=admin,
+                         params={"target": f"user:{user_id}", "action": "admin.user.suspended"})
+        events = r.json()["events"]
+        check(len(events) == 1 and events[0]["actor"] == {"type": "user", "id": admin_id},
+              "the suspension is audited once, naming the admin")
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=30)
