@@ -98,6 +98,14 @@ impl RateLimitBackend for MemoryRateLimiter {
         }
         Ok(removed)
     }
+
+    async fn forget(&self, keys: &[String]) -> Result<u64, BackendError> {
+        let mut removed = 0;
+        for key in keys {
+            removed += u64::from(self.shard(key).lock().unwrap_or_else(|e| e.into_inner()).remove(key).is_some());
+        }
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]
@@ -116,6 +124,20 @@ mod tests {
         assert!(!limiter.hit("a", limit, 1).allowed);
         assert!(!limiter.peek("a", limit).allowed);
         assert!(limiter.hit("b", limit, 1).allowed);
+    }
+
+    #[tokio::test]
+    async fn forget_removes_exactly_the_keys_named() {
+        let limiter = MemoryRateLimiter::default();
+        let limit = RateLimit::per(1, Duration::from_secs(3600));
+        for key in ["login:ada@x.com", "login:ada@x.com.au", "mfa:1"] {
+            assert!(limiter.hit(key, limit, 1).allowed);
+        }
+        let keys = ["login:ada@x.com".to_owned(), "absent".to_owned()];
+        assert_eq!(RateLimitBackend::forget(&limiter, &keys).await.unwrap(), 1);
+        assert!(limiter.hit("login:ada@x.com", limit, 1).allowed, "forgotten");
+        assert!(!limiter.peek("login:ada@x.com.au", limit).allowed, "a longer key is another key");
+        assert!(!limiter.peek("mfa:1", limit).allowed);
     }
 
     #[test]

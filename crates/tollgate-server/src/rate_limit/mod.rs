@@ -37,6 +37,10 @@ pub trait RateLimitBackend: Send + Sync + 'static {
     /// Forgets every key starting with `prefix` (an admin clearing a subject's limits);
     /// returns how many keys were removed.
     async fn clear(&self, prefix: &str) -> Result<u64, BackendError>;
+
+    /// Forgets exactly these keys (a subject's known keys: `clear` on `login:ada@x.com`
+    /// would also take `login:ada@x.com.au`); returns how many existed.
+    async fn forget(&self, keys: &[String]) -> Result<u64, BackendError>;
 }
 
 /// What to do when the backend cannot answer.
@@ -101,5 +105,9 @@ impl Limiter {
 
     pub async fn clear(&self, prefix: &str) -> Result<u64, BackendError> {
         self.backend.clear(prefix).await
+    }
+
+    pub async fn forget(&self, keys: &[String]) -> Result<u64, BackendError> {
+        self.backend.forget(keys).await
     }
 }

@@ -236,6 +236,21 @@ impl RateLimitBackend for RedisRateLimiter {
             cursor = next;
         }
     }
+
+    async fn forget(&self, keys: &[String]) -> Result<u64, BackendError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn.clone();
+        let mut removed = 0;
+        for batch in keys.chunks(CLEAR_BATCH) {
+            let full: Vec<String> = batch.iter().map(|k| format!("{}{k}", self.key_prefix)).collect();
+            let n: u64 =
+                redis::cmd("DEL").arg(full).query_async(&mut conn).await.map_err(|e| backend_error("forget", e))?;
+            removed += n;
+        }
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]
@@ -570,6 +585,24 @@ mod tests {
         assert_eq!(n1.clear("bulk:").await.unwrap(), 1200);
         assert_eq!(n1.clear("").await.unwrap(), 3);
         assert_eq!(scratch.keys().await, n2_keys);
+    }
+
+    #[tokio::test]
+    async fn forget_removes_exactly_the_keys_named() {
+        let Some(scratch) = Scratch::new().await else { return };
+        let n1 = scratch.limiter("n1:").await;
+        let n2 = scratch.limiter("n2:").await;
+        let limit = RateLimit::per(1, Duration::from_secs(3600));
+        for key in ["login:ada@x.com", "login:ada@x.com.au", "login:*"] {
+            assert!(n1.hit(key, limit, 1).await.unwrap().allowed);
+            assert!(n2.hit(key, limit, 1).await.unwrap().allowed);
+        }
+        let keys = ["login:ada@x.com".to_owned(), "login:*".to_owned(), "absent".to_owned()];
+        assert_eq!(n1.forget(&keys).await.unwrap(), 2);
+        assert_eq!(n1.forget(&[]).await.unwrap(), 0);
+        assert!(n1.hit("login:ada@x.com", limit, 1).await.unwrap().allowed, "forgotten");
+        assert!(!n1.peek("login:ada@x.com.au", limit).await.unwrap().allowed, "a longer key is another key");
+        assert_eq!(scratch.keys().await.iter().filter(|k| k.starts_with("n2:")).count(), 3, "other nodes untouched");
     }
 
     #[tokio::test]

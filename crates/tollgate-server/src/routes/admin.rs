@@ -489,8 +489,8 @@ pub struct Cleared {
     pub cleared: u64,
 }
 
-/// The key prefixes of a user's limits in one scope.
-fn limit_prefixes(state: &AppState, user: &User, scope: &str) -> Vec<String> {
+/// The limiter keys of a user's limits in one scope.
+fn limit_keys(state: &AppState, user: &User, scope: &str) -> Vec<String> {
     match scope {
         "login" => vec![attempts::user_password_key(&user.email)],
         "mfa" => vec![attempts::code_key(user.id)],
@@ -530,12 +530,8 @@ pub async fn clear_rate_limits(
     if let Some(unknown) = scopes.iter().find(|s| !LIMIT_SCOPES.contains(&s.as_str())) {
         return Err(invalid("scopes", format!("unknown scope {unknown:?}; use login, mfa, email or api")));
     }
-    let mut cleared = 0;
-    for scope in &scopes {
-        for prefix in limit_prefixes(&state, &user, scope) {
-            cleared += state.limiter.clear(&prefix).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        }
-    }
+    let keys: Vec<String> = scopes.iter().flat_map(|scope| limit_keys(&state, &user, scope)).collect();
+    let cleared = state.limiter.forget(&keys).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let event = admin_event(&admin, "admin.user.rate_limits_cleared", &origin, user.id)
         .meta("scopes", scopes.clone())
         .meta("cleared", cleared);

@@ -335,6 +335,7 @@ async fn clearing_rate_limits_lets_the_user_in(app: &TestApp) {
     let id = my_id(app, &access).await;
     for _ in 0..2 {
         app.post("/v1/auth/login", json!({ "email": "ada@example.com", "password": "wrong password" })).await;
+        app.post("/v1/auth/login", json!({ "email": "ada@example.com.au", "password": "wrong password" })).await;
     }
     let r = app.post("/v1/auth/login", json!({ "email": "ada@example.com", "password": PASSWORD })).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
@@ -345,6 +346,8 @@ async fn clearing_rate_limits_lets_the_user_in(app: &TestApp) {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body["cleared"], 1);
     app.login("ada@example.com", PASSWORD).await;
+    let r = app.post("/v1/auth/login", json!({ "email": "ada@example.com.au", "password": "wrong password" })).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "another address's budget is not cleared");
     // No body at all clears every scope.
     let r = app.request(Method::POST, &path, Some(&key), None).await;
     assert_eq!((r.status, &r.body["scopes"]), (StatusCode::OK, &json!(["login", "mfa", "email", "api"])));
