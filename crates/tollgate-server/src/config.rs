@@ -473,6 +473,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid_and_its_commented_keys_too() {
+        let text = include_str!("../../../tollgate.example.toml");
+        let file: FileConfig = toml::from_str(text).unwrap();
+        Config::resolve(file, &env_of(&[])).unwrap();
+        // The documented admin key, uncommented, is a real key.
+        let admin = text.replace("# admin_require_2fa = true", "admin_require_2fa = true");
+        let file: FileConfig = toml::from_str(&admin).unwrap();
+        assert!(Config::resolve(file, &env_of(&[])).unwrap().admin_require_2fa);
+    }
+
+    #[test]
     fn admin_2fa_is_required_outside_the_embedded_dev_setup() {
         assert!(!Config::resolve(FileConfig::default(), &env_of(&[])).unwrap().admin_require_2fa);
         let public = env_of(&[("TOLLGATE_LISTEN", "0.0.0.0:8080")]);
