@@ -164,6 +164,19 @@ pub async fn admin_suspension_ends_sessions_in_one_transaction(store: Arc<dyn St
         ..Default::default()
     };
     assert_eq!(store.list_audit(by_actor).await.unwrap().len(), 1);
+    let at = now + Duration::seconds(1);
+    let window = |from, to| AuditQuery { from, to, actor: Some(Actor::User(admin)), limit: 10, ..Default::default() };
+    assert_eq!(store.list_audit(window(Some(at), None)).await.unwrap().len(), 1, "from is inclusive");
+    assert_eq!(store.list_audit(window(None, Some(at))).await.unwrap().len(), 0, "to is exclusive");
+    let target = AuditQuery { target: Some(("user".into(), user.id.to_string())), limit: 10, ..Default::default() };
+    assert!(store.list_audit(target).await.unwrap().iter().any(|e| e.action == "admin.user.suspended"));
+    let other = AuditQuery {
+        severity: Some(Severity::Critical),
+        actor: Some(Actor::User(admin)),
+        limit: 10,
+        ..Default::default()
+    };
+    assert!(store.list_audit(other).await.unwrap().is_empty());
 
     // Role and email; a taken email is a conflict and changes nothing.
     store.create_user(new_user("bob@example.com", now), None, audit("a", now)).await.unwrap();
