@@ -209,7 +209,7 @@ fn by_service<'a>(
 
 /// The live subscription as it stands now, with a scheduled change that is already
 /// due folded in (so a new change starts from the plan really in force).
-pub(crate) fn settled(subscription: Option<Subscription>, now: OffsetDateTime) -> Option<Subscription> {
+fn settled(subscription: Option<Subscription>, now: OffsetDateTime) -> Option<Subscription> {
     let mut s = subscription.filter(|s| s.status.is_live())?;
     let plan = effective_plan_key(Some(&s), now)?;
     if s.scheduled_at.is_some_and(|at| at <= now) {

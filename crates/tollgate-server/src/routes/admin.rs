@@ -24,7 +24,7 @@ use tollgate_core::ids::{AuditEventId, SessionId, UserId};
 use tollgate_core::metering::quotas::Entitlements;
 use utoipa::{IntoParams, ToSchema};
 
-use super::accounts::{AccountView, change_subscription, fresh_subscription, settled};
+use super::accounts::{AccountView, change_subscription, fresh_subscription};
 use super::attempts;
 use super::views::{ErrorResponse, SessionView, UserView};
 use crate::error::{ApiError, ApiResult};
@@ -356,7 +356,8 @@ async fn change_plan(
         AuditEvent::new(admin.actor(), "admin.user.plan_changed", origin, next.updated_at).target_user(user.id)
     };
     change_subscription(state, &account, audit, |current, now| {
-        Ok(match settled(current, now) {
+        // `current` is already settled: a scheduled change that is due is folded in.
+        Ok(match current {
             Some(current)
                 if current.plan == plan && current.scheduled_plan.is_none() && !current.cancel_at_period_end =>
             {

@@ -104,7 +104,7 @@ async fn suspension_takes_effect_at_once(app: &TestApp) {
     let r = app.post("/v1/auth/refresh", json!({ "refresh_token": refresh })).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{:?}", r.body);
     let r = app.post("/v1/auth/login", json!({ "email": "ada@example.com", "password": PASSWORD })).await;
-    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "account_suspended"), "{:?}", r.body);
     let detail = app.get_auth(&format!("/v1/admin/users/{id}"), &admin).await;
     assert_eq!(detail.body["sessions"], json!([]));
 
