@@ -202,9 +202,7 @@ async fn every_admin_change_by_a_service_key_is_audited_once_on_postgres() {
     database.drop().await;
 }
 
-#[tokio::test]
-async fn the_user_list_searches_filters_sorts_and_pages() {
-    let app = TestApp::new().await;
+async fn the_user_list_searches_filters_sorts_and_pages(app: &TestApp) {
     let key = app.service_key(&["admin:*"]).await;
     for email in ["carol@example.com", "ada@example.com", "bob@example.org"] {
         app.verified_user(email).await;
@@ -256,12 +254,25 @@ async fn the_user_list_searches_filters_sorts_and_pages() {
     assert_eq!(r.code(), "unknown_plan");
     let r = app.get_auth("/v1/admin/users?colour=blue", &key).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "unknown parameters are refused");
+}
+
+#[tokio::test]
+async fn the_user_list_searches_filters_sorts_and_pages_on_sqlite() {
+    let app = TestApp::new().await;
+    the_user_list_searches_filters_sorts_and_pages(&app).await;
     app.stop().await;
 }
 
 #[tokio::test]
-async fn the_user_detail_has_everything_but_secrets() {
-    let app = TestApp::new().await;
+async fn the_user_list_searches_filters_sorts_and_pages_on_postgres() {
+    let Some(database) = tollgate_store_postgres::testing::TestDatabase::create().await else { return };
+    let app = TestApp::builder().database_url(database.url.clone()).start().await;
+    the_user_list_searches_filters_sorts_and_pages(&app).await;
+    app.stop().await;
+    database.drop().await;
+}
+
+async fn the_user_detail_has_everything_but_secrets(app: &TestApp) {
     let key = app.service_key(&["admin:*"]).await;
     let (access, _) = app.signed_in("ada@example.com").await;
     let id = my_id(&app, &access).await;
@@ -286,7 +297,22 @@ async fn the_user_detail_has_everything_but_secrets() {
         let r = app.get_auth(&unknown, &key).await;
         assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
     }
+}
+
+#[tokio::test]
+async fn the_user_detail_has_everything_but_secrets_on_sqlite() {
+    let app = TestApp::new().await;
+    the_user_detail_has_everything_but_secrets(&app).await;
     app.stop().await;
+}
+
+#[tokio::test]
+async fn the_user_detail_has_everything_but_secrets_on_postgres() {
+    let Some(database) = tollgate_store_postgres::testing::TestDatabase::create().await else { return };
+    let app = TestApp::builder().database_url(database.url.clone()).start().await;
+    the_user_detail_has_everything_but_secrets(&app).await;
+    app.stop().await;
+    database.drop().await;
 }
 
 #[tokio::test]
