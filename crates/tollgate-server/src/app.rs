@@ -110,9 +110,12 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(credits::grant))
         .routes(routes!(credits::refund))
         .routes(routes!(credits::payments))
+        .routes(routes!(billing::stripe_webhook));
+    // Open to users and service keys: a user's impersonation token is recorded here too.
+    let billing = OpenApiRouter::new()
         .routes(routes!(billing::checkout))
         .routes(routes!(billing::portal))
-        .routes(routes!(billing::stripe_webhook));
+        .route_layer(middleware::from_fn_with_state(state.clone(), crate::impersonation::record_requests));
     let admin = OpenApiRouter::new()
         .routes(routes!(admin::list_users))
         .routes(routes!(admin::get_user, admin::update_user, admin::delete_user))
@@ -134,6 +137,7 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .merge(auth)
         .merge(me)
         .merge(product)
+        .merge(billing)
         .merge(admin)
         .merge(operations)
         .merge(pages)

@@ -3,7 +3,8 @@
 //! except the admin API and password, email and second-factor changes (refused by
 //! `Admin` and `CurrentUser::refuse_impersonation`). What it changes is audited as
 //! `Actor::Impersonator` (admin and user); on top of that every request it makes to
-//! `/v1/me` is recorded here, reads included, with method, path and status.
+//! `/v1/me` and `/v1/billing` (checkout, portal) is recorded here, reads included,
+//! with method, path and status.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

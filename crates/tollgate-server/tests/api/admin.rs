@@ -516,6 +516,14 @@ async fn impersonation_acts_as_the_user_but_never_as_admin(app: &TestApp) {
     assert!(seen.contains(&("GET".into(), "/v1/me".into(), 200)), "{seen:?}");
     assert!(seen.contains(&("PATCH".into(), "/v1/me".into(), 200)), "{seen:?}");
     assert!(seen.contains(&("POST".into(), "/v1/me/password".into(), 403)), "{seen:?}");
+    // Billing routes (open to users and keys) are recorded too.
+    let r = app.post_auth("/v1/billing/portal", &token, json!({ "return_url": "https://app.example.com/" })).await;
+    assert!(r.status.is_client_error() || r.status.is_server_error(), "no Stripe here: {:?}", r.body);
+    let events = events_about(app, &admin, &ada).await;
+    assert!(
+        events.iter().any(|e| e["action"] == "impersonation.request" && e["metadata"]["path"] == "/v1/billing/portal"),
+        "{events:?}"
+    );
     // A change it makes names both identities on the change's own event too.
     let r = app.request(Method::DELETE, "/v1/me/sessions", Some(&token), None).await;
     assert!(r.status.is_success(), "{:?}", r.body);
