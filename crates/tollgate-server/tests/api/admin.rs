@@ -275,7 +275,7 @@ async fn the_user_list_searches_filters_sorts_and_pages_on_postgres() {
 async fn the_user_detail_has_everything_but_secrets(app: &TestApp) {
     let key = app.service_key(&["admin:*"]).await;
     let (access, _) = app.signed_in("ada@example.com").await;
-    let id = my_id(&app, &access).await;
+    let id = my_id(app, &access).await;
     let r = app.get_auth(&format!("/v1/admin/users/{id}"), &key).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body["user"]["email"], "ada@example.com");
