@@ -180,6 +180,12 @@ where
         }
         if claims.is_impersonation() {
             let admin = claims.impersonator().ok_or(ApiError::Unauthenticated)?;
+            // The impersonation lasts only while its admin is an active admin: a
+            // demoted or suspended admin's tokens stop at once, like the user's would.
+            let acting = state.store.user_by_id(admin).await?;
+            if !acting.is_some_and(|a| a.role == Role::Admin && a.status == UserStatus::Active) {
+                return Err(ApiError::Unauthenticated);
+            }
             if let Some(slot) = parts.extensions.get::<crate::impersonation::Slot>() {
                 slot.fill(admin, user.id);
             }

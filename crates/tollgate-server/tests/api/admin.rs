@@ -532,6 +532,14 @@ async fn impersonation_acts_as_the_user_but_never_as_admin(app: &TestApp) {
     assert_eq!(revoked["actor"], both);
     assert_eq!(app.get_auth("/v1/me", &own).await.status, StatusCode::UNAUTHORIZED, "acted as the user");
 
+    // Demoting the admin ends their impersonations at once.
+    let r = app.request(Method::POST, &path, Some(&admin), None).await;
+    let second = r.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(app.get_auth("/v1/me", &second).await.status, StatusCode::OK);
+    patch(app, &format!("/v1/admin/users/{admin_id}"), &key, json!({ "role": "user" })).await;
+    assert_eq!(app.get_auth("/v1/me", &second).await.status, StatusCode::UNAUTHORIZED);
+    patch(app, &format!("/v1/admin/users/{admin_id}"), &key, json!({ "role": "admin" })).await;
+    assert_eq!(app.get_auth("/v1/me", &second).await.status, StatusCode::OK, "and only while demoted");
     // Revoking the user's sessions ends the impersonation at once.
     app.request(Method::POST, &format!("/v1/admin/users/{ada}/revoke-sessions"), Some(&admin), None).await;
     assert_eq!(app.get_auth("/v1/me", &token).await.status, StatusCode::UNAUTHORIZED);
