@@ -34,6 +34,61 @@ pub(crate) async fn transfer_credits(store: &SqliteStore, t: CreditTransfer) -> 
     Ok(receipt)
 }
 
+const INSERT_TRANSFER: &str = "INSERT INTO credit_transfers (id, account_id, kind, amount, balance_after, description, \
+    endpoint, metadata, idempotency_key, actor_type, actor_id, payment_id, created_at) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+/// The two entries: the account's side and the system account's, summing to zero.
+const INSERT_ENTRIES: &str = "INSERT INTO credit_entries (transfer_id, ledger_account, account_id, amount) \
+    VALUES (?1, 'account', ?2, ?3), (?1, ?4, NULL, -?3)";
+const UPSERT_BALANCE: &str = "INSERT INTO credit_balances (account_id, balance, updated_at) VALUES (?1, ?2, ?3) \
+    ON CONFLICT (account_id) DO UPDATE SET balance = excluded.balance, updated_at = excluded.updated_at";
+
+/// A meter's payment in credits, inside the usage writer's batch transaction (its own
+/// connection, synchronous): the same rows as [`transfer_in`], for a transfer that
+/// carries no idempotency key and no audit event (`CreditTransfer::metered`), to an
+/// account the batch has already found.
+pub(crate) fn metered_transfer(conn: &rusqlite::Connection, t: &CreditTransfer) -> Result<i64, StoreError> {
+    use rusqlite::{OptionalExtension, params};
+
+    use crate::sql_error;
+    debug_assert!(t.idempotency.is_none() && t.audit.is_none());
+    let balance: i64 = conn
+        .prepare_cached("SELECT balance FROM credit_balances WHERE account_id = ?1")
+        .and_then(|mut s| s.query_row([t.account.0.as_bytes()], |row| row.get(0)).optional())
+        .map_err(sql_error)?
+        .unwrap_or(0);
+    let amount = credits::allowed_amount(balance, t.amount, t.floor, t.shortfall)
+        .ok_or(StoreError::Conflict("insufficient_credits"))?;
+    let after = balance.checked_add(amount).ok_or(StoreError::Conflict("credits_overflow"))?;
+    let now = micros(t.now);
+    let metadata = t.metadata.as_ref().map(serde_json::to_string).transpose().map_err(json_err)?;
+    let account = &t.account.0.as_bytes()[..];
+    conn.prepare_cached(INSERT_TRANSFER)
+        .and_then(|mut s| {
+            s.execute(params![
+                &t.id.0.as_bytes()[..],
+                account,
+                t.kind.as_str(),
+                amount,
+                after,
+                t.description,
+                t.endpoint,
+                metadata,
+                None::<String>,
+                t.actor.kind(),
+                t.actor.id(),
+                t.payment.map(|p| p.0.as_bytes().to_vec()),
+                now,
+            ])
+        })
+        .map_err(sql_error)?;
+    conn.prepare_cached(INSERT_ENTRIES)
+        .and_then(|mut s| s.execute(params![&t.id.0.as_bytes()[..], account, amount, t.kind.system_account()]))
+        .map_err(sql_error)?;
+    conn.prepare_cached(UPSERT_BALANCE).and_then(|mut s| s.execute(params![account, after, now])).map_err(sql_error)?;
+    Ok(amount)
+}
+
 /// The transfer inside the caller's transaction (the caller commits).
 pub(crate) async fn transfer_in(conn: &mut SqliteConnection, t: &CreditTransfer) -> Result<CreditReceipt, StoreError> {
     if let Some(idem) = &t.idempotency
@@ -64,49 +119,32 @@ pub(crate) async fn transfer_in(conn: &mut SqliteConnection, t: &CreditTransfer)
     let after = balance.checked_add(amount).ok_or(StoreError::Conflict("credits_overflow"))?;
     let now = micros(t.now);
     let metadata = t.metadata.as_ref().map(serde_json::to_string).transpose().map_err(json_err)?;
-    sqlx::query(
-        "INSERT INTO credit_transfers (id, account_id, kind, amount, balance_after, description, endpoint, metadata, \
-           idempotency_key, actor_type, actor_id, payment_id, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-    )
-    .bind(t.id.0)
-    .bind(t.account.0)
-    .bind(t.kind.as_str())
-    .bind(amount)
-    .bind(after)
-    .bind(&t.description)
-    .bind(&t.endpoint)
-    .bind(&metadata)
-    .bind(t.idempotency.as_ref().map(|i| &i.key))
-    .bind(t.actor.kind())
-    .bind(t.actor.id())
-    .bind(t.payment.map(|p| p.0))
-    .bind(now)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_error)?;
-    // The two entries: the account's side and the system account's, summing to zero.
-    sqlx::query(
-        "INSERT INTO credit_entries (transfer_id, ledger_account, account_id, amount) \
-         VALUES (?1, 'account', ?2, ?3), (?1, ?4, NULL, -?3)",
-    )
-    .bind(t.id.0)
-    .bind(t.account.0)
-    .bind(amount)
-    .bind(t.kind.system_account())
-    .execute(&mut *conn)
-    .await
-    .map_err(db_error)?;
-    sqlx::query(
-        "INSERT INTO credit_balances (account_id, balance, updated_at) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (account_id) DO UPDATE SET balance = excluded.balance, updated_at = excluded.updated_at",
-    )
-    .bind(t.account.0)
-    .bind(after)
-    .bind(now)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_error)?;
+    sqlx::query(INSERT_TRANSFER)
+        .bind(t.id.0)
+        .bind(t.account.0)
+        .bind(t.kind.as_str())
+        .bind(amount)
+        .bind(after)
+        .bind(&t.description)
+        .bind(&t.endpoint)
+        .bind(&metadata)
+        .bind(t.idempotency.as_ref().map(|i| &i.key))
+        .bind(t.actor.kind())
+        .bind(t.actor.id())
+        .bind(t.payment.map(|p| p.0))
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    sqlx::query(INSERT_ENTRIES)
+        .bind(t.id.0)
+        .bind(t.account.0)
+        .bind(amount)
+        .bind(t.kind.system_account())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    sqlx::query(UPSERT_BALANCE).bind(t.account.0).bind(after).bind(now).execute(&mut *conn).await.map_err(db_error)?;
     let receipt = CreditReceipt {
         transaction: CreditTransaction {
             id: t.id,

@@ -67,6 +67,9 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            // A ping before every acquire is a round trip to sqlx's SQLite thread for
+            // nothing: the database is in this process.
+            .test_before_acquire(false)
             // Between two write transactions (after their callers were answered), when
             // the WAL has grown: see `checkpointer`. Every writer passes here, the
             // usage writer's batches and every other store write alike.
@@ -87,10 +90,10 @@ impl SqliteStore {
         checkpointer::spawn(options.clone(), std::sync::Arc::downgrade(&alive), wal_size.clone()).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await
             .map_err(unavailable)?;
-        let usage = usage_writer::UsageWriter::spawn(writer.clone())?;
+        let usage = usage_writer::UsageWriter::spawn(writer.clone(), &options)?;
         Ok(Self { writer, reader, usage, cache: Default::default(), _alive: alive })
     }
 
@@ -119,6 +122,21 @@ pub(crate) fn db_error(e: sqlx::Error) -> StoreError {
         }
         sqlx::Error::Database(db) if db.is_foreign_key_violation() => StoreError::NotFound,
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+/// Maps the usage writer's rusqlite errors like [`db_error`] does sqlx's.
+pub(crate) fn sql_error(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(ErrorCode::ConstraintViolation) => {
+            let message = e.to_string();
+            if message.contains("FOREIGN KEY") { StoreError::NotFound } else { StoreError::Conflict("unique") }
+        }
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::DiskFull | ErrorCode::CannotOpen) => {
             StoreError::Unavailable(e.to_string())
         }
         _ => StoreError::Internal(e.to_string()),

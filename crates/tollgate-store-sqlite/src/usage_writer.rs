@@ -9,11 +9,18 @@
 //! the connection's thread, and a consume needs about eight of them; batching turns
 //! that into a few per batch. The cache is exact because this task is the only
 //! writer of `usage_counters` in the process (SQLite has one process writing).
+//!
+//! The batch itself runs synchronously on this thread over a connection of its own
+//! (rusqlite, statements prepared once and cached), not through sqlx: each sqlx
+//! statement is a hop to sqlx's worker thread and back, two context switches that
+//! cost more than SQLite's own work (BENCHMARKS.md). SQLite still sees one writer at
+//! a time: the batch holds the store's single sqlx writer connection, untouched, as
+//! its write lock, so no other write of the store can start meanwhile.
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::sqlite::{Sqlite, SqliteConnection, SqlitePool};
-use sqlx::{Connection, QueryBuilder};
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 use tollgate_core::credits::CreditTransfer;
 use tollgate_core::ids::{AccountId, ReservationId, UsageEventId};
@@ -22,15 +29,13 @@ use tollgate_core::metering::{
 };
 use tollgate_core::{StoreError, Timestamp};
 
-use crate::db_error;
 use crate::rows::micros;
+use crate::{db_error, sql_error};
 
 /// Most consumes committed together; a larger batch waits in the channel.
 const MAX_BATCH: usize = 512;
 /// Counter rows kept in memory before the cache is dropped and reloaded lazily.
 const MAX_CACHED: usize = 200_000;
-/// Rows per multi-row statement (keeps well under SQLite's parameter limit).
-const CHUNK: usize = 200;
 
 type CounterKey = (AccountId, String, String);
 
@@ -48,7 +53,10 @@ impl UsageWriter {
     /// Starts the writer on its own thread: on the shared runtime, each of a batch's
     /// awaits on SQLite queued the writer behind every request task, and a batch
     /// took as long as the whole server's backlog (p99 latency, BENCHMARKS.md).
-    pub(crate) fn spawn(pool: SqlitePool) -> Result<Self, StoreError> {
+    /// `pool` is the store's writer pool (one connection), held through each batch as
+    /// the write lock; `options` name the file the writer's own connection opens.
+    pub(crate) fn spawn(pool: SqlitePool, options: &SqliteConnectOptions) -> Result<Self, StoreError> {
+        let db = open(options)?;
         let (jobs, rx) = mpsc::channel(MAX_BATCH * 8);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -56,7 +64,7 @@ impl UsageWriter {
             .map_err(|e| StoreError::Unavailable(format!("usage writer runtime: {e}")))?;
         std::thread::Builder::new()
             .name("tollgate-usage-writer".into())
-            .spawn(move || runtime.block_on(run(pool, rx)))
+            .spawn(move || runtime.block_on(run(pool, db, rx)))
             .map_err(|e| StoreError::Unavailable(format!("usage writer thread: {e}")))?;
         Ok(Self { jobs })
     }
@@ -98,13 +106,35 @@ struct Event {
     at: i64,
 }
 
+/// The writer's own connection to the store's file, set up like the sqlx writer
+/// (WAL, NORMAL sync, foreign keys, no automatic checkpoints: see `checkpointer`).
+fn open(options: &SqliteConnectOptions) -> Result<rusqlite::Connection, StoreError> {
+    let path = options.get_filename();
+    if path.as_os_str() == ":memory:" || path.to_string_lossy().starts_with("file:sqlx-in-memory") {
+        return Err(StoreError::Unavailable("the SQLite store needs a database file, not :memory:".into()));
+    }
+    let db = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| StoreError::Unavailable(format!("usage writer: {e}")))?;
+    db.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql_error)?;
+    db.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
+         PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
+    )
+    .map_err(sql_error)?;
+    db.set_prepared_statement_cache_capacity(32);
+    Ok(db)
+}
+
 #[derive(Default)]
 struct Cache {
     counters: HashMap<CounterKey, i64>,
     accounts: HashSet<AccountId>,
 }
 
-async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>) {
+async fn run(pool: SqlitePool, mut db: rusqlite::Connection, mut rx: mpsc::Receiver<Job>) {
     let mut cache = Cache::default();
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
@@ -117,7 +147,9 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>) {
         if cache.counters.len() > MAX_CACHED {
             cache.counters.clear();
         }
-        let mut conn = match pool.acquire().await {
+        // The store's one writer connection, unused: while we hold it, no other write
+        // of this store can begin.
+        let write_lock = match pool.acquire().await {
             Ok(conn) => conn,
             Err(e) => {
                 let e = db_error(e);
@@ -128,7 +160,7 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>) {
                 continue;
             }
         };
-        match run_batch(&mut conn, &mut cache, &jobs).await {
+        match run_batch(&mut db, &mut cache, &jobs) {
             Ok(decisions) => {
                 for (job, decision) in jobs.into_iter().zip(decisions) {
                     let _ = job.reply.send(decision);
@@ -144,41 +176,42 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Job>) {
                 }
             }
         }
-        // Releasing the connection (after the answers) may checkpoint: see
+        // Releasing the lock (after the answers) may checkpoint: see
         // `checkpointer.rs` and the writer pool's `after_release`.
+        drop(write_lock);
     }
 }
 
 /// Decides every job in order and writes the batch; per-job errors (unknown account,
 /// idempotency conflict) are answers, a database error fails the batch.
-async fn run_batch(
-    conn: &mut SqliteConnection,
+fn run_batch(
+    db: &mut rusqlite::Connection,
     cache: &mut Cache,
     jobs: &[Job],
 ) -> Result<Vec<Result<UsageDecision, StoreError>>, StoreError> {
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_error)?;
     let mut pending = Pending::default();
     let mut decisions = Vec::with_capacity(jobs.len());
     for job in jobs {
-        decisions.push(decide(&mut tx, cache, &mut pending, &job.request).await?);
+        decisions.push(decide(&tx, cache, &mut pending, &job.request)?);
     }
-    flush(&mut tx, &pending).await?;
-    tx.commit().await.map_err(db_error)?;
+    flush(&tx, &pending)?;
+    // Dropped without a commit (an error above), the transaction rolls back.
+    tx.commit().map_err(sql_error)?;
     Ok(decisions)
 }
 
-async fn decide(
-    conn: &mut SqliteConnection,
+fn decide(
+    conn: &rusqlite::Connection,
     cache: &mut Cache,
     pending: &mut Pending,
     request: &UsageRequest,
 ) -> Result<Result<UsageDecision, StoreError>, StoreError> {
     if !cache.accounts.contains(&request.account) {
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = ?1)")
-            .bind(request.account.0)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(db_error)?;
+        let exists: bool = conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM accounts WHERE id = ?1)")
+            .and_then(|mut s| s.query_row([request.account.0.as_bytes()], |row| row.get(0)))
+            .map_err(sql_error)?;
         if !exists {
             return Ok(Err(StoreError::NotFound));
         }
@@ -187,7 +220,7 @@ async fn decide(
     if let Some(idem) = &request.idempotency {
         let earlier = match pending.answered.get(&(idem.scope.clone(), idem.key.clone())) {
             Some((hash, decision)) => Some((hash.clone(), decision.clone())),
-            None => crate::usage::stored_answer(&mut *conn, &idem.scope, &idem.key).await?,
+            None => stored_answer(conn, &idem.scope, &idem.key)?,
         };
         if let Some((hash, mut decision)) = earlier {
             if hash != idem.request_hash {
@@ -199,13 +232,10 @@ async fn decide(
     }
     if let Some(ReservationAction::Settle { id, .. }) = &request.reservation {
         let settled_here = pending.settled.iter().any(|(settled, _, _)| settled == id);
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM usage_reservations WHERE id = ?1 AND account_id = ?2")
-                .bind(id.0)
-                .bind(request.account.0)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(db_error)?;
+        let status: Option<String> = conn
+            .prepare_cached("SELECT status FROM usage_reservations WHERE id = ?1 AND account_id = ?2")
+            .and_then(|mut s| s.query_row([id.0.as_bytes(), request.account.0.as_bytes()], |row| row.get(0)).optional())
+            .map_err(sql_error)?;
         if settled_here || status.as_deref() != Some("pending") {
             return Ok(Err(StoreError::NotFound));
         }
@@ -214,7 +244,7 @@ async fn decide(
     for window in &request.windows {
         let mut sum = 0i64;
         for key in &window.count_keys {
-            sum = sum.saturating_add(counter(conn, cache, request.account, &request.meter, key).await?);
+            sum = sum.saturating_add(counter(conn, cache, request.account, &request.meter, key)?);
         }
         used.push(sum);
     }
@@ -223,7 +253,7 @@ async fn decide(
     let mut credits_charged = 0;
     if let Some((funding, cost)) = CreditFunding::applies(request, applied.allowed) {
         let payment = CreditTransfer::metered(request, funding, cost);
-        match crate::billing::transfer_in(conn, &payment).await {
+        match crate::billing::metered_transfer(conn, &payment) {
             Ok(_) => {
                 applied.paid_with_credits();
                 credits_charged = cost;
@@ -303,8 +333,8 @@ async fn decide(
 }
 
 /// A counter row's value: from memory, else from the database (then remembered).
-async fn counter(
-    conn: &mut SqliteConnection,
+fn counter(
+    conn: &rusqlite::Connection,
     cache: &mut Cache,
     account: AccountId,
     meter: &str,
@@ -314,14 +344,12 @@ async fn counter(
     if let Some(value) = cache.counters.get(&key) {
         return Ok(*value);
     }
-    let stored: Option<i64> =
-        sqlx::query_scalar("SELECT used FROM usage_counters WHERE account_id = ?1 AND meter = ?2 AND window_key = ?3")
-            .bind(account.0)
-            .bind(meter)
-            .bind(window_key)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db_error)?;
+    let stored: Option<i64> = conn
+        .prepare_cached("SELECT used FROM usage_counters WHERE account_id = ?1 AND meter = ?2 AND window_key = ?3")
+        .and_then(|mut s| {
+            s.query_row(params![&account.0.as_bytes()[..], meter, window_key], |row| row.get(0)).optional()
+        })
+        .map_err(sql_error)?;
     let value = stored.unwrap_or(0);
     cache.counters.insert(key, value);
     Ok(value)
@@ -332,81 +360,104 @@ pub(crate) fn day_of(now: Timestamp) -> String {
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
-async fn flush(conn: &mut SqliteConnection, pending: &Pending) -> Result<(), StoreError> {
-    let counters: Vec<(&CounterKey, &i64)> = pending.counters.iter().collect();
-    for chunk in counters.chunks(CHUNK) {
-        let mut sql: QueryBuilder<Sqlite> =
-            QueryBuilder::new("INSERT INTO usage_counters (account_id, meter, window_key, used) ");
-        sql.push_values(chunk, |mut row, ((account, meter, window_key), delta)| {
-            row.push_bind(account.0).push_bind(meter).push_bind(window_key).push_bind(**delta);
-        });
-        sql.push(" ON CONFLICT (account_id, meter, window_key) DO UPDATE SET used = used + excluded.used");
-        sql.build().execute(&mut *conn).await.map_err(db_error)?;
+/// The stored answer to an idempotency key: its request's hash and the decision.
+fn stored_answer(
+    conn: &rusqlite::Connection,
+    scope: &str,
+    key: &str,
+) -> Result<Option<(String, UsageDecision)>, StoreError> {
+    let row: Option<(String, String)> = conn
+        .prepare_cached("SELECT request_hash, response FROM idempotency_keys WHERE scope = ?1 AND key = ?2")
+        .and_then(|mut s| s.query_row([scope, key], |row| Ok((row.get(0)?, row.get(1)?))).optional())
+        .map_err(sql_error)?;
+    row.map(|(hash, response)| {
+        serde_json::from_str(&response)
+            .map(|answer| (hash, answer))
+            .map_err(|e| StoreError::Internal(format!("stored answer: {e}")))
+    })
+    .transpose()
+}
+
+/// Writes what the batch decided. One cached statement per table, run once per row:
+/// with no thread hop per statement, that is cheaper than building multi-row SQL.
+fn flush(conn: &rusqlite::Connection, pending: &Pending) -> Result<(), StoreError> {
+    let mut counters = conn
+        .prepare_cached(
+            "INSERT INTO usage_counters (account_id, meter, window_key, used) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (account_id, meter, window_key) DO UPDATE SET used = used + excluded.used",
+        )
+        .map_err(sql_error)?;
+    for ((account, meter, window_key), delta) in &pending.counters {
+        counters.execute(params![&account.0.as_bytes()[..], meter, window_key, delta]).map_err(sql_error)?;
     }
-    for chunk in pending.events.chunks(CHUNK) {
-        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "INSERT INTO usage_events (id, account_id, meter, outcome, amount, idempotency_key, endpoint, metadata, ip, created_at) ",
-        );
-        sql.push_values(chunk, |mut row, e| {
-            row.push_bind(UsageEventId::new().0)
-                .push_bind(e.account.0)
-                .push_bind(&e.meter)
-                .push_bind(e.outcome)
-                .push_bind(e.amount)
-                .push_bind(&e.idempotency_key)
-                .push_bind(&e.endpoint)
-                .push_bind(&e.metadata)
-                .push_bind(&e.ip)
-                .push_bind(e.at);
-        });
-        sql.build().execute(&mut *conn).await.map_err(db_error)?;
+    let mut events = conn
+        .prepare_cached(
+            "INSERT INTO usage_events (id, account_id, meter, outcome, amount, idempotency_key, endpoint, metadata, ip, \
+             created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .map_err(sql_error)?;
+    for e in &pending.events {
+        events
+            .execute(params![
+                &UsageEventId::new().0.as_bytes()[..],
+                &e.account.0.as_bytes()[..],
+                e.meter,
+                e.outcome,
+                e.amount,
+                e.idempotency_key,
+                e.endpoint,
+                e.metadata,
+                e.ip,
+                e.at,
+            ])
+            .map_err(sql_error)?;
     }
-    let daily: Vec<_> = pending.daily.iter().collect();
-    for chunk in daily.chunks(CHUNK) {
-        let mut sql: QueryBuilder<Sqlite> =
-            QueryBuilder::new("INSERT INTO usage_daily (account_id, meter, day, consumed, denied) ");
-        sql.push_values(chunk, |mut row, ((account, meter, day), (consumed, denied))| {
-            row.push_bind(account.0).push_bind(meter).push_bind(day).push_bind(*consumed).push_bind(*denied);
-        });
-        sql.push(
-            " ON CONFLICT (account_id, meter, day) DO UPDATE SET consumed = consumed + excluded.consumed, \
+    let mut daily = conn
+        .prepare_cached(
+            "INSERT INTO usage_daily (account_id, meter, day, consumed, denied) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (account_id, meter, day) DO UPDATE SET consumed = consumed + excluded.consumed, \
              denied = denied + excluded.denied",
-        );
-        sql.build().execute(&mut *conn).await.map_err(db_error)?;
+        )
+        .map_err(sql_error)?;
+    for ((account, meter, day), (consumed, denied)) in &pending.daily {
+        daily.execute(params![&account.0.as_bytes()[..], meter, day, consumed, denied]).map_err(sql_error)?;
     }
     for (id, account, meter, amount, windows, expires_at, created_at) in &pending.opened {
-        sqlx::query(
+        conn.prepare_cached(
             "INSERT INTO usage_reservations (id, account_id, meter, amount, windows, expires_at, status, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7)",
         )
-        .bind(id.0)
-        .bind(account.0)
-        .bind(meter)
-        .bind(amount)
-        .bind(windows)
-        .bind(expires_at)
-        .bind(created_at)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
+        .and_then(|mut s| {
+            s.execute(params![
+                &id.0.as_bytes()[..],
+                &account.0.as_bytes()[..],
+                meter,
+                amount,
+                windows,
+                expires_at,
+                created_at
+            ])
+        })
+        .map_err(sql_error)?;
     }
     for (id, status, at) in &pending.settled {
-        sqlx::query("UPDATE usage_reservations SET status = ?2, settled_at = ?3 WHERE id = ?1 AND status = 'pending'")
-            .bind(id.0)
-            .bind(status.as_str())
-            .bind(at)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_error)?;
+        conn.prepare_cached(
+            "UPDATE usage_reservations SET status = ?2, settled_at = ?3 WHERE id = ?1 AND status = 'pending'",
+        )
+        .and_then(|mut s| s.execute(params![&id.0.as_bytes()[..], status.as_str(), at]))
+        .map_err(sql_error)?;
     }
-    for chunk in pending.answers.chunks(CHUNK) {
+    if !pending.answers.is_empty() {
         let now = micros(time::OffsetDateTime::now_utc());
-        let mut sql: QueryBuilder<Sqlite> =
-            QueryBuilder::new("INSERT INTO idempotency_keys (scope, key, request_hash, response, created_at) ");
-        sql.push_values(chunk, |mut row, (scope, key, hash, response)| {
-            row.push_bind(scope).push_bind(key).push_bind(hash).push_bind(response).push_bind(now);
-        });
-        sql.build().execute(&mut *conn).await.map_err(db_error)?;
+        let mut answers = conn
+            .prepare_cached(
+                "INSERT INTO idempotency_keys (scope, key, request_hash, response, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(sql_error)?;
+        for (scope, key, hash, response) in &pending.answers {
+            answers.execute(params![scope, key, hash, response, now]).map_err(sql_error)?;
+        }
     }
     Ok(())
 }
