@@ -123,6 +123,13 @@ impl AuditEvent {
         self
     }
 
+    /// What was acted on, other than a user: e.g. `("account", "<uuid>")`.
+    pub fn target(mut self, kind: &str, id: impl ToString) -> Self {
+        self.target_type = Some(kind.to_owned());
+        self.target_id = Some(id.to_string());
+        self
+    }
+
     pub fn severity(mut self, severity: Severity) -> Self {
         self.severity = severity;
         self

@@ -18,6 +18,7 @@ pub mod metering;
 pub mod plans;
 pub mod ratelimit;
 pub mod store;
+pub mod system;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

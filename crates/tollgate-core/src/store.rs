@@ -17,7 +17,7 @@ use crate::identity::{
     TokenDigest, TokenEffect, TokenPurpose, User,
 };
 use crate::ids::{AccountId, EmailId, LeaseId, ReservationId, SessionId, UserId};
-use crate::metering::{LeaseDecision, LeaseRequest, Reservation, UsageDecision, UsageRequest};
+use crate::metering::{CounterReset, LeaseDecision, LeaseRequest, Reservation, UsageDecision, UsageRequest};
 use crate::plans::Catalog;
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +223,19 @@ pub trait Store: BillingStore + Send + Sync + 'static {
     /// Emails not yet delivered (for health and tests).
     async fn pending_email_count(&self) -> Result<u64, StoreError>;
 
+    // ---- system ------------------------------------------------------------------
+
+    /// The backlogs the admin health page shows, as of `now`.
+    async fn backlogs(&self, now: Timestamp) -> Result<crate::system::Backlogs, StoreError>;
+
+    /// Deletes what `retention` calls old, then writes `audit` with the counts, in one
+    /// transaction (the only path that deletes audit events).
+    async fn cleanup(
+        &self,
+        retention: crate::system::Retention,
+        audit: AuditEvent,
+    ) -> Result<crate::system::CleanupReport, StoreError>;
+
     // ---- plans -------------------------------------------------------------------
 
     /// Makes the stored meters and plans equal to `catalog`: new ones are created,
@@ -316,6 +329,12 @@ pub trait Store: BillingStore + Send + Sync + 'static {
         from: &str,
         to: &str,
     ) -> Result<Vec<DailyUsage>, StoreError>;
+
+    /// Deletes the counter rows of `reset` (an admin's quota reset), so those windows
+    /// start over, and writes its audit event, in one transaction serialized with the
+    /// consumes of the same meters (no consume decided on the old counts lands after
+    /// it). Returns how many rows existed and were deleted.
+    async fn reset_counters(&self, reset: CounterReset) -> Result<u64, StoreError>;
 
     /// The sum of the counter rows `keys` of one meter (0 for missing rows), in order.
     async fn counter_values(

@@ -17,7 +17,9 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ApiError, rate_limit_headers};
 use crate::observe::ObserveLayer;
-use crate::routes::{accounts, admin, auth, billing, credits, me, mfa, ops, pages, plans, ratelimit, usage};
+use crate::routes::{
+    accounts, admin, admin_accounts, auth, billing, credits, me, mfa, ops, pages, plans, ratelimit, usage,
+};
 use crate::state::AppState;
 
 /// Largest accepted request body.
@@ -122,7 +124,10 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(admin::revoke_sessions))
         .routes(routes!(admin::clear_rate_limits))
         .routes(routes!(admin::impersonate))
-        .routes(routes!(admin::audit_log));
+        .routes(routes!(admin::audit_log))
+        .routes(routes!(admin_accounts::adjust_credits))
+        .routes(routes!(admin_accounts::reset_quotas))
+        .routes(routes!(admin_accounts::put_subscription));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))

@@ -294,6 +294,11 @@ impl From<tollgate_core::metering::quotas::QuotaError> for ApiError {
                 message: "amount must be a positive integer".into(),
             }]),
             E::AccountNotFound | E::LeaseNotFound | E::ReservationNotFound => ApiError::NotFound,
+            E::NothingToReset => ApiError::Validation(vec![tollgate_core::identity::flows::FieldError {
+                field: "window",
+                code: "not_a_window_of_the_meter",
+                message: "no counter of this meter has this window under the account's plan".into(),
+            }]),
             E::CommitExceedsReservation => ApiError::Validation(vec![tollgate_core::identity::flows::FieldError {
                 field: "amount",
                 code: "exceeds_reservation",

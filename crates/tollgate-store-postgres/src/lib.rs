@@ -16,6 +16,7 @@ mod migrations;
 mod read_cache;
 mod rows;
 mod store;
+mod system;
 mod usage;
 mod usage_batch;
 

@@ -964,6 +964,18 @@ impl Store for PgStore {
         Ok(n as u64)
     }
 
+    async fn backlogs(&self, now: Timestamp) -> Result<tollgate_core::system::Backlogs, StoreError> {
+        crate::system::backlogs(self, now).await
+    }
+
+    async fn cleanup(
+        &self,
+        retention: tollgate_core::system::Retention,
+        audit: AuditEvent,
+    ) -> Result<tollgate_core::system::CleanupReport, StoreError> {
+        crate::system::cleanup(self, retention, audit).await
+    }
+
     async fn apply_catalog(&self, catalog: &Catalog, now: Timestamp) -> Result<CatalogChanges, StoreError> {
         usage::apply_catalog(self, catalog, now).await
     }
@@ -1064,6 +1076,10 @@ impl Store for PgStore {
         to: &str,
     ) -> Result<Vec<DailyUsage>, StoreError> {
         usage::usage_daily(self, account, meter, from, to).await
+    }
+
+    async fn reset_counters(&self, reset: tollgate_core::metering::CounterReset) -> Result<u64, StoreError> {
+        usage::reset_counters(self, reset).await
     }
 
     async fn counter_values(

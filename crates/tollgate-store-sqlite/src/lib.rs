@@ -12,6 +12,7 @@ mod migrations;
 mod read_cache;
 mod rows;
 mod store;
+mod system;
 mod usage;
 mod usage_writer;
 

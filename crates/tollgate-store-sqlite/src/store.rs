@@ -27,25 +27,26 @@ use uuid::Uuid;
 use crate::rows::{self, micros};
 use crate::{SqliteStore, admin, billing, db_error, usage};
 
+/// Also run by the usage writer (on its own connection) for quota resets.
+pub(crate) const INSERT_AUDIT: &str = "INSERT INTO audit_events (id, actor_type, actor_id, action, target_type, \
+     target_id, metadata, ip, user_agent, severity, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+
 pub(crate) async fn insert_audit(conn: &mut SqliteConnection, e: &AuditEvent) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO audit_events (id, actor_type, actor_id, action, target_type, target_id, metadata, ip, user_agent, severity, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )
-    .bind(e.id.0)
-    .bind(e.actor.kind())
-    .bind(e.actor.id())
-    .bind(&e.action)
-    .bind(&e.target_type)
-    .bind(&e.target_id)
-    .bind(e.metadata.to_string())
-    .bind(&e.ip)
-    .bind(&e.user_agent)
-    .bind(e.severity.as_str())
-    .bind(micros(e.created_at))
-    .execute(conn)
-    .await
-    .map_err(db_error)?;
+    sqlx::query(INSERT_AUDIT)
+        .bind(e.id.0)
+        .bind(e.actor.kind())
+        .bind(e.actor.id())
+        .bind(&e.action)
+        .bind(&e.target_type)
+        .bind(&e.target_id)
+        .bind(e.metadata.to_string())
+        .bind(&e.ip)
+        .bind(&e.user_agent)
+        .bind(e.severity.as_str())
+        .bind(micros(e.created_at))
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
     Ok(())
 }
 
@@ -897,6 +898,18 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
+    async fn backlogs(&self, now: Timestamp) -> Result<tollgate_core::system::Backlogs, StoreError> {
+        crate::system::backlogs(self, now).await
+    }
+
+    async fn cleanup(
+        &self,
+        retention: tollgate_core::system::Retention,
+        audit: AuditEvent,
+    ) -> Result<tollgate_core::system::CleanupReport, StoreError> {
+        crate::system::cleanup(self, retention, audit).await
+    }
+
     async fn apply_catalog(&self, catalog: &Catalog, now: Timestamp) -> Result<CatalogChanges, StoreError> {
         usage::apply_catalog(self, catalog, now).await
     }
@@ -981,6 +994,10 @@ impl Store for SqliteStore {
         to: &str,
     ) -> Result<Vec<DailyUsage>, StoreError> {
         usage::usage_daily(self, account, meter, from, to).await
+    }
+
+    async fn reset_counters(&self, reset: tollgate_core::metering::CounterReset) -> Result<u64, StoreError> {
+        self.usage.reset(reset).await
     }
 
     async fn counter_values(

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tollgate_core::credits::CreditTransfer;
 use tollgate_core::ids::{AccountId, ReservationId, UsageEventId};
 use tollgate_core::metering::{
-    self, CreditFunding, ReservationAction, ReservationStatus, UsageDecision, UsageRequest, WindowState,
+    self, CounterReset, CreditFunding, ReservationAction, ReservationStatus, UsageDecision, UsageRequest, WindowState,
 };
 use tollgate_core::{StoreError, Timestamp};
 
@@ -39,9 +39,39 @@ const MAX_CACHED: usize = 200_000;
 
 type CounterKey = (AccountId, String, String);
 
-struct Job {
-    request: UsageRequest,
-    reply: oneshot::Sender<Result<UsageDecision, StoreError>>,
+/// What the writer is asked to do: a usage request, or an admin's quota reset (here
+/// because this task is the only writer of the counters it remembers).
+enum Job {
+    Usage { request: UsageRequest, reply: oneshot::Sender<Result<UsageDecision, StoreError>> },
+    Reset { reset: CounterReset, reply: oneshot::Sender<Result<u64, StoreError>> },
+}
+
+/// A job's answer, in the order of the batch.
+enum Answer {
+    Usage(Result<UsageDecision, StoreError>),
+    Reset(u64),
+}
+
+impl Job {
+    fn answer(self, answer: Answer) {
+        match (self, answer) {
+            (Job::Usage { reply, .. }, Answer::Usage(decision)) => {
+                let _ = reply.send(decision);
+            }
+            (Job::Reset { reply, .. }, Answer::Reset(deleted)) => {
+                let _ = reply.send(Ok(deleted));
+            }
+            (job, _) => job.fail("usage writer answered out of order"),
+        }
+    }
+
+    fn fail(self, error: &str) {
+        let e = || StoreError::Unavailable(error.to_owned());
+        match self {
+            Job::Usage { reply, .. } => drop(reply.send(Err(e()))),
+            Job::Reset { reply, .. } => drop(reply.send(Err(e()))),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -71,11 +101,18 @@ impl UsageWriter {
 
     pub(crate) async fn consume(&self, request: UsageRequest) -> Result<UsageDecision, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job { request, reply })
-            .await
-            .map_err(|_| StoreError::Unavailable("usage writer stopped".into()))?;
+        self.send(Job::Usage { request, reply }).await?;
         answer.await.map_err(|_| StoreError::Unavailable("usage writer stopped".into()))?
+    }
+
+    pub(crate) async fn reset(&self, reset: CounterReset) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Reset { reset, reply }).await?;
+        answer.await.map_err(|_| StoreError::Unavailable("usage writer stopped".into()))?
+    }
+
+    async fn send(&self, job: Job) -> Result<(), StoreError> {
+        self.jobs.send(job).await.map_err(|_| StoreError::Unavailable("usage writer stopped".into()))
     }
 }
 
@@ -154,16 +191,15 @@ async fn run(pool: SqlitePool, mut db: rusqlite::Connection, mut rx: mpsc::Recei
             Err(e) => {
                 let e = db_error(e);
                 tracing::error!(error = %e, batch = jobs.len(), "usage batch failed");
-                for job in jobs {
-                    let _ = job.reply.send(Err(StoreError::Unavailable(e.to_string())));
-                }
+                let message = e.to_string();
+                jobs.into_iter().for_each(|job| job.fail(&message));
                 continue;
             }
         };
         match run_batch(&mut db, &mut cache, &jobs) {
-            Ok(decisions) => {
-                for (job, decision) in jobs.into_iter().zip(decisions) {
-                    let _ = job.reply.send(decision);
+            Ok(answers) => {
+                for (job, answer) in jobs.into_iter().zip(answers) {
+                    job.answer(answer);
                 }
             }
             Err(e) => {
@@ -171,9 +207,8 @@ async fn run(pool: SqlitePool, mut db: rusqlite::Connection, mut rx: mpsc::Recei
                 // the database, so forget them; every caller of the batch gets the error.
                 cache.counters.clear();
                 tracing::error!(error = %e, batch = jobs.len(), "usage batch failed");
-                for job in jobs {
-                    let _ = job.reply.send(Err(StoreError::Unavailable(e.to_string())));
-                }
+                let message = e.to_string();
+                jobs.into_iter().for_each(|job| job.fail(&message));
             }
         }
         // Releasing the lock (after the answers) may checkpoint: see
@@ -184,21 +219,58 @@ async fn run(pool: SqlitePool, mut db: rusqlite::Connection, mut rx: mpsc::Recei
 
 /// Decides every job in order and writes the batch; per-job errors (unknown account,
 /// idempotency conflict) are answers, a database error fails the batch.
-fn run_batch(
-    db: &mut rusqlite::Connection,
-    cache: &mut Cache,
-    jobs: &[Job],
-) -> Result<Vec<Result<UsageDecision, StoreError>>, StoreError> {
+fn run_batch(db: &mut rusqlite::Connection, cache: &mut Cache, jobs: &[Job]) -> Result<Vec<Answer>, StoreError> {
     let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_error)?;
     let mut pending = Pending::default();
-    let mut decisions = Vec::with_capacity(jobs.len());
+    let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
-        decisions.push(decide(&tx, cache, &mut pending, &job.request)?);
+        match job {
+            Job::Usage { request, .. } => answers.push(Answer::Usage(decide(&tx, cache, &mut pending, request)?)),
+            Job::Reset { reset, .. } => {
+                // What the batch decided so far is written first, so the reset comes
+                // after it, as it came after it in the queue.
+                flush(&tx, &std::mem::take(&mut pending))?;
+                answers.push(Answer::Reset(reset_counters(&tx, cache, reset)?));
+            }
+        }
     }
     flush(&tx, &pending)?;
     // Dropped without a commit (an error above), the transaction rolls back.
     tx.commit().map_err(sql_error)?;
-    Ok(decisions)
+    Ok(answers)
+}
+
+/// Deletes a reset's counter rows, and forgets them: a missing row counts zero.
+fn reset_counters(conn: &rusqlite::Connection, cache: &mut Cache, reset: &CounterReset) -> Result<u64, StoreError> {
+    let mut delete = conn
+        .prepare_cached("DELETE FROM usage_counters WHERE account_id = ?1 AND meter = ?2 AND window_key = ?3")
+        .map_err(sql_error)?;
+    let mut deleted = 0;
+    for (meter, keys) in &reset.counters {
+        for key in keys {
+            deleted += delete.execute(params![&reset.account.0.as_bytes()[..], meter, key]).map_err(sql_error)? as u64;
+            cache.counters.insert((reset.account, meter.clone(), key.clone()), 0);
+        }
+    }
+    let e = reset.audit.clone().meta("rows_deleted", deleted);
+    conn.prepare_cached(crate::store::INSERT_AUDIT)
+        .and_then(|mut s| {
+            s.execute(params![
+                &e.id.0.as_bytes()[..],
+                e.actor.kind(),
+                e.actor.id(),
+                e.action,
+                e.target_type,
+                e.target_id,
+                e.metadata.to_string(),
+                e.ip,
+                e.user_agent,
+                e.severity.as_str(),
+                micros(e.created_at),
+            ])
+        })
+        .map_err(sql_error)?;
+    Ok(deleted)
 }
 
 fn decide(

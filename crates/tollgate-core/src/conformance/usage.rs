@@ -12,7 +12,8 @@ use crate::identity::SecretToken;
 use crate::ids::{AccountId, LeaseId, ReservationId, ServiceKeyId};
 use crate::metering::window::Window;
 use crate::metering::{
-    EventContext, Idempotency, LeaseRequest, ReservationAction, ReservationStatus, UsageOp, UsageRequest, WindowCheck,
+    CounterReset, EventContext, Idempotency, LeaseRequest, ReservationAction, ReservationStatus, UsageOp, UsageRequest,
+    WindowCheck,
 };
 use crate::plans::{Allowance, Catalog, Meter, MeterKind, Plan, WindowLimit};
 use crate::store::{Store, StoreError};
@@ -677,4 +678,108 @@ pub async fn spent_windows_draw_on_credits(store: Arc<dyn Store>) {
     let daily = store.usage_daily(account, Some("messages"), &day(now), &day(now)).await.unwrap();
     assert_eq!(daily[0].consumed, 2 + 2 + 1 + 10, "paid consumes count as consumed");
     assert!(store.ledger_check().await.unwrap().is_sound());
+}
+
+pub async fn quota_resets_start_windows_over(store: Arc<dyn Store>) {
+    let now = t0();
+    let account = external(&store, "cus_reset").await;
+    let windows = || vec![window(Window::Day, "d:r", Some(3)), window(Window::Month, "m:r", Some(100))];
+    for _ in 0..3 {
+        assert!(store.consume_usage(consume(now, account, 1, windows())).await.unwrap().allowed);
+    }
+    assert!(!store.consume_usage(consume(now, account, 1, windows())).await.unwrap().allowed);
+    // Only the day starts over; a key without a row deletes nothing.
+    let reset = move |keys: Vec<&str>| CounterReset {
+        account,
+        counters: vec![("messages".into(), keys.into_iter().map(str::to_owned).collect())],
+        audit: audit("admin.quota.reset", now),
+    };
+    assert_eq!(store.reset_counters(reset(vec!["d:r", "d:other"])).await.unwrap(), 1);
+    let keys = vec![vec!["d:r".to_owned()], vec!["m:r".to_owned()]];
+    assert_eq!(store.counter_values(account, "messages", &keys).await.unwrap(), vec![0, 3]);
+    let d = store.consume_usage(consume(now, account, 3, windows())).await.unwrap();
+    assert!(d.allowed, "the day has room again");
+    assert_eq!((d.windows[0].used, d.windows[1].used), (3, 6));
+    let events = store
+        .list_audit(AuditQuery { action: Some("admin.quota.reset".into()), limit: 10, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].metadata["rows_deleted"], 1);
+
+    // Resets racing consumes: every consume is decided on the counts as they stand,
+    // so the day's counter equals the consumes granted after the last reset.
+    const TASKS: usize = 16;
+    const EACH: usize = 50;
+    assert_eq!(store.reset_counters(reset(vec!["d:r", "m:r"])).await.unwrap(), 2);
+    let unlimited = || vec![window(Window::Day, "d:r", None), window(Window::Month, "m:r", None)];
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..EACH {
+                assert!(store.consume_usage(consume(now, account, 1, unlimited())).await.unwrap().allowed);
+            }
+        }));
+    }
+    let resets = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for _ in 0..5 {
+                store.reset_counters(reset(vec!["m:r"])).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    for t in tasks {
+        t.await.unwrap();
+    }
+    resets.await.unwrap();
+    let values = store.counter_values(account, "messages", &keys).await.unwrap();
+    assert_eq!(values[0], (TASKS * EACH) as i64, "the day was not reset: every consume counted once");
+    assert!(values[1] <= values[0], "the month only ever lost counts to resets");
+    // After a final reset nothing stale remains anywhere (the SQLite writer's memory
+    // included): the next consume starts from zero.
+    store.reset_counters(reset(vec!["d:r", "m:r"])).await.unwrap();
+    let d = store.consume_usage(consume(now, account, 1, windows())).await.unwrap();
+    assert_eq!((d.windows[0].used, d.windows[1].used), (1, 1));
+}
+
+pub async fn cleanup_deletes_only_what_retention_names(store: Arc<dyn Store>) {
+    use crate::system::Retention;
+    let now = t0();
+    let user = store.create_user(new_user("old@example.com", now), None, audit("user.registered", now)).await.unwrap();
+    let (_, mut expired) = super::session_for(user.id, now - Duration::days(40));
+    expired.expires_at = now - Duration::days(10);
+    store.create_session(expired, audit("login.succeeded", now - Duration::days(40))).await.unwrap();
+    let (_, live) = super::session_for(user.id, now);
+    let live = store.create_session(live, audit("login.succeeded", now)).await.unwrap();
+    store.record_audit(audit("ancient.thing", now - Duration::days(400))).await.unwrap();
+    let account = external(&store, "cus_cleanup").await;
+    let lifetime = || vec![window(Window::Lifetime, "l", None)];
+    store.consume_usage(consume(now - Duration::days(100), account, 1, lifetime())).await.unwrap();
+    store.consume_usage(consume(now, account, 1, lifetime())).await.unwrap();
+    let backlogs = store.backlogs(now).await.unwrap();
+    assert_eq!((backlogs.emails_pending, backlogs.webhook_events_last_24h), (0, 0));
+
+    let retention =
+        Retention { usage_events_before: now - Duration::days(90), audit_before: now - Duration::days(365), now };
+    let report = store.cleanup(retention, audit("admin.system.cleanup", now)).await.unwrap();
+    assert_eq!((report.usage_events, report.audit_events), (1, 1));
+    assert_eq!((report.sessions, report.refresh_tokens), (1, 1));
+    let actions: Vec<String> = store
+        .list_audit(AuditQuery { limit: 50, ..Default::default() })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert!(actions.contains(&"admin.system.cleanup".to_owned()) && actions.contains(&"user.registered".to_owned()));
+    assert!(!actions.contains(&"ancient.thing".to_owned()), "{actions:?}");
+    // Counters and rollups stay: only the event log is trimmed.
+    assert_eq!(store.counter_values(account, "messages", &[vec!["l".into()]]).await.unwrap(), vec![2]);
+    let live_sessions = store.list_sessions(user.id, now).await.unwrap();
+    assert_eq!(live_sessions.iter().map(|s| s.id).collect::<Vec<_>>(), vec![live.id]);
+    let again = store.cleanup(retention, audit("admin.system.cleanup", now)).await.unwrap();
+    assert_eq!(again, Default::default(), "a second cleanup finds nothing");
 }

@@ -175,6 +175,16 @@ impl CreditFunding {
     }
 }
 
+/// An admin's quota reset: counter rows of one account to delete, per meter, so those
+/// windows start over from zero; the audit event is written with it.
+#[derive(Clone, Debug)]
+pub struct CounterReset {
+    pub account: AccountId,
+    /// (meter, its counter rows): the current instance of each window reset.
+    pub counters: Vec<(String, Vec<String>)>,
+    pub audit: crate::audit::AuditEvent,
+}
+
 /// A request for a slot of a concurrency meter.
 #[derive(Clone, Debug)]
 pub struct LeaseRequest {

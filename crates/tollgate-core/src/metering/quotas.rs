@@ -34,6 +34,8 @@ pub enum QuotaError {
     CommitExceedsReservation,
     #[error("idempotency key already used for another request")]
     IdempotencyKeyReused,
+    #[error("no counter of this meter has this window under the account's plan")]
+    NothingToReset,
     #[error(transparent)]
     Store(StoreError),
 }
@@ -354,6 +356,51 @@ impl Quotas {
         let upgrade_plans = if allowed { vec![] } else { allowing(catalog, &input.meter, fits) };
         let decision = UsageDecision { allowed, windows: vec![], denied_by: None, replayed: false, credits_charged: 0 };
         Ok(ConsumeOutcome { decision, plan: plan.key.clone(), meter: meter.clone(), upgrade_plans })
+    }
+
+    /// The counter rows a quota reset of `account` clears: the current instance of
+    /// every window (or only `window`) of every counter and gauge meter (or only
+    /// `meter`) under the plan in force. An unknown meter, or a window the meter does
+    /// not have under that plan, is an error: a reset that resets nothing is a typo.
+    pub async fn reset_targets(
+        &self,
+        catalog: &Catalog,
+        account: &Account,
+        meter: Option<&str>,
+        window: Option<Window>,
+    ) -> Result<Vec<(String, Vec<String>)>, QuotaError> {
+        if let Some(m) = meter
+            && !catalog.meters.contains_key(m)
+        {
+            return Err(QuotaError::UnknownMeter(m.to_owned()));
+        }
+        let subscription = self.store.subscription(account.id).await?;
+        let now = time::OffsetDateTime::now_utc();
+        let plan = effective_plan(catalog, subscription.as_ref(), now);
+        let anchor = billing_anchor(subscription.as_ref());
+        let mut targets = Vec::new();
+        for (key, m) in &catalog.meters {
+            if meter.is_some_and(|wanted| wanted != key) {
+                continue;
+            }
+            let checks = match m.kind {
+                MeterKind::Counter => counter_checks(plan.allowances.get(key), now, anchor).unwrap_or_default(),
+                MeterKind::Gauge => vec![gauge_window(None)],
+                _ => continue,
+            };
+            let keys: Vec<String> = checks
+                .into_iter()
+                .filter(|c| window.is_none_or(|w| w == c.window))
+                .flat_map(|c| c.count_keys)
+                .collect();
+            if !keys.is_empty() {
+                targets.push((key.clone(), keys));
+            }
+        }
+        if targets.is_empty() && (meter.is_some() || window.is_some()) {
+            return Err(QuotaError::NothingToReset);
+        }
+        Ok(targets)
     }
 
     /// The account's plan, features and every meter's allowance with current usage.

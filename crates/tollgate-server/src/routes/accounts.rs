@@ -265,6 +265,18 @@ pub async fn put_subscription(
 ) -> ApiResult<Json<Entitlements>> {
     service.require(Scope::AccountsWrite)?;
     let account = resolve_account(&state, &id).await?;
+    subscribe(&state, &account, body, by_service(&service, &origin)).await?;
+    Ok(Json(state.quotas.entitlements(&state.catalog.get(), account).await?))
+}
+
+/// Puts `account` on `body.plan` (now, or at the end of the period), audited by
+/// `audit`: a service key's call and an admin's share it.
+pub(crate) async fn subscribe(
+    state: &AppState,
+    account: &Account,
+    body: SubscribeBody,
+    audit: impl Fn(&'static str, &Subscription) -> AuditEvent,
+) -> Result<(), ApiError> {
     if !state.catalog.get().plans.contains_key(&body.plan) {
         return Err(ApiError::UnknownPlan(body.plan));
     }
@@ -276,7 +288,7 @@ pub async fn put_subscription(
         }]));
     }
     let (plan, trial_days, at_period_end) = (body.plan, body.trial_days, body.at_period_end);
-    change_subscription(&state, &account, by_service(&service, &origin), |current, now| {
+    change_subscription(state, account, audit, |current, now| {
         Ok(match current {
             Some(mut current) if at_period_end => {
                 current.scheduled_at = Some(period_end(current.started_at, now));
@@ -297,11 +309,10 @@ pub async fn put_subscription(
                 current.cancel_at_period_end = false;
                 Some((current, "subscription.change_unscheduled"))
             }
-            _ => Some((fresh_subscription(&account, &plan, trial_days, now), "subscription.changed")),
+            _ => Some((fresh_subscription(account, &plan, trial_days, now), "subscription.changed")),
         })
     })
-    .await?;
-    Ok(Json(state.quotas.entitlements(&state.catalog.get(), account).await?))
+    .await
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -196,7 +196,7 @@ fn check(body: &CreditsBody) -> Result<(), ApiError> {
 }
 
 /// Writes one transfer and maps a refusal to 402 with the balance.
-async fn transfer(state: &AppState, transfer: CreditTransfer) -> Result<CreditReceipt, ApiError> {
+pub(crate) async fn transfer(state: &AppState, transfer: CreditTransfer) -> Result<CreditReceipt, ApiError> {
     let (account, requested) = (transfer.account, -transfer.amount);
     match state.store.transfer_credits(transfer).await {
         Err(StoreError::Conflict("insufficient_credits")) => {

@@ -1,0 +1,62 @@
+//! Upkeep: the health page's backlogs and retention cleanup.
+
+use tollgate_core::audit::AuditEvent;
+use tollgate_core::system::{Backlogs, CleanupReport, Retention};
+use tollgate_core::{StoreError, Timestamp};
+
+use crate::rows::micros;
+use crate::store::insert_audit;
+use crate::{SqliteStore, db_error};
+
+pub(crate) async fn backlogs(store: &SqliteStore, now: Timestamp) -> Result<Backlogs, StoreError> {
+    let day_ago = micros(now - time::Duration::days(1));
+    let (emails, refunds, webhooks, last, expired): (i64, i64, i64, Option<i64>, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM email_outbox WHERE status = 'pending'), \
+                (SELECT COUNT(*) FROM pending_refunds), \
+                (SELECT COUNT(*) FROM provider_events WHERE received_at >= ?1), \
+                (SELECT MAX(received_at) FROM provider_events), \
+                (SELECT COUNT(*) FROM usage_reservations WHERE status = 'pending' AND expires_at <= ?2)",
+    )
+    .bind(day_ago)
+    .bind(micros(now))
+    .fetch_one(&store.reader)
+    .await
+    .map_err(db_error)?;
+    Ok(Backlogs {
+        emails_pending: emails as u64,
+        refunds_waiting_for_payment: refunds as u64,
+        webhook_events_last_24h: webhooks as u64,
+        last_webhook_event_at: last.map(crate::rows::from_micros).transpose()?,
+        expired_reservations_pending: expired as u64,
+    })
+}
+
+pub(crate) async fn cleanup(
+    store: &SqliteStore,
+    retention: Retention,
+    audit: AuditEvent,
+) -> Result<CleanupReport, StoreError> {
+    let (usage_before, audit_before, now) =
+        (micros(retention.usage_events_before), micros(retention.audit_before), micros(retention.now));
+    let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+    let mut run = async |sql: &'static str, at: i64| -> Result<u64, StoreError> {
+        Ok(sqlx::query(sql).bind(at).execute(&mut *tx).await.map_err(db_error)?.rows_affected())
+    };
+    let report = CleanupReport {
+        usage_events: run("DELETE FROM usage_events WHERE created_at < ?1", usage_before).await?,
+        audit_events: run("DELETE FROM audit_events WHERE created_at < ?1", audit_before).await?,
+        one_time_tokens: run("DELETE FROM one_time_tokens WHERE used_at IS NOT NULL OR expires_at <= ?1", now).await?,
+        refresh_tokens: run(
+            "DELETE FROM refresh_tokens WHERE session_id IN (SELECT id FROM sessions WHERE expires_at <= ?1)",
+            now,
+        )
+        .await?,
+        sessions: run("DELETE FROM sessions WHERE expires_at <= ?1", now).await?,
+        reservations: run("DELETE FROM usage_reservations WHERE status <> 'pending' AND settled_at < ?1", usage_before)
+            .await?,
+    };
+    let audit = audit.meta("deleted", serde_json::to_value(&report).unwrap_or_default());
+    insert_audit(&mut tx, &audit).await?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(report)
+}
