@@ -18,7 +18,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::error::{ApiError, rate_limit_headers};
 use crate::observe::ObserveLayer;
 use crate::routes::{
-    accounts, admin, admin_accounts, auth, billing, credits, me, mfa, ops, pages, plans, ratelimit, usage,
+    accounts, admin, admin_accounts, admin_system, auth, billing, credits, me, mfa, ops, pages, plans, ratelimit, usage,
 };
 use crate::state::AppState;
 
@@ -127,7 +127,9 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(admin::audit_log))
         .routes(routes!(admin_accounts::adjust_credits))
         .routes(routes!(admin_accounts::reset_quotas))
-        .routes(routes!(admin_accounts::put_subscription));
+        .routes(routes!(admin_accounts::put_subscription))
+        .routes(routes!(admin_system::health))
+        .routes(routes!(admin_system::cleanup));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))

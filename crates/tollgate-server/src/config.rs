@@ -34,6 +34,16 @@ pub struct Config {
     /// Admin users must have 2FA on to use the admin API. Default: on, except in the
     /// embedded dev setup (SQLite and a loopback listen address).
     pub admin_require_2fa: bool,
+    /// What `POST /v1/admin/system/cleanup` keeps.
+    pub retention: RetentionConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// Usage events older than this many days are deleted (daily rollups stay).
+    pub usage_events_days: u32,
+    /// Audit events older than this many days are deleted.
+    pub audit_days: u32,
 }
 
 #[derive(Clone)]
@@ -122,6 +132,15 @@ struct FileConfig {
     smtp: Option<FileSmtp>,
     stripe: Option<FileStripe>,
     admin_require_2fa: Option<bool>,
+    #[serde(default)]
+    retention: FileRetention,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRetention {
+    usage_events_days: Option<u32>,
+    audit_days: Option<u32>,
 }
 
 #[derive(Default, Deserialize)]
@@ -372,7 +391,22 @@ impl Config {
         // machine) is a deployment, and an admin's password alone is not enough there.
         let embedded_dev = database_url.starts_with("sqlite:") && listen.ip().is_loopback();
         let admin_require_2fa = bool_var("TOLLGATE_ADMIN_REQUIRE_2FA", file.admin_require_2fa, !embedded_dev)?;
+        let days = |var: &str, file_value: Option<u32>, default: u32| -> anyhow::Result<u32> {
+            let days = match env(var) {
+                Some(v) => v.parse().with_context(|| format!("{var} must be a whole number of days"))?,
+                None => file_value.unwrap_or(default),
+            };
+            if !(1..=36_500).contains(&days) {
+                bail!("{var} must be 1 to 36500 days");
+            }
+            Ok(days)
+        };
+        let retention = RetentionConfig {
+            usage_events_days: days("TOLLGATE_RETENTION_USAGE_EVENTS_DAYS", file.retention.usage_events_days, 90)?,
+            audit_days: days("TOLLGATE_RETENTION_AUDIT_DAYS", file.retention.audit_days, 365)?,
+        };
         Ok(Self {
+            retention,
             admin_require_2fa,
             listen,
             data_dir,

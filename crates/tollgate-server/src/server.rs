@@ -103,6 +103,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         service_keys: Arc::new(KeyCache::default()),
         billing: crate::billing::Billing::from_config(&config)?,
         config: Arc::new(config),
+        started_at: std::time::Instant::now(),
     }))
 }
 

@@ -41,4 +41,6 @@ pub struct Shared {
     pub service_keys: Arc<KeyCache>,
     pub billing: crate::billing::Billing,
     pub config: Arc<Config>,
+    /// When this process started serving (the health page's uptime).
+    pub started_at: std::time::Instant,
 }

@@ -976,6 +976,33 @@ pub(crate) async fn expired_reservations(
     rows.iter().map(reservation_row).collect()
 }
 
+/// An admin's quota reset: under each meter's advisory lock (in ascending key order,
+/// like a batch), so no consume that read the old counts commits after it.
+pub(crate) async fn reset_counters(store: &PgStore, reset: CounterReset) -> Result<u64, StoreError> {
+    let mut tx = store.pool.begin().await.map_err(db_error)?;
+    let mut locks: Vec<i64> = reset.counters.iter().map(|(meter, _)| counters_lock_key(reset.account, meter)).collect();
+    locks.sort_unstable();
+    locks.dedup();
+    for lock in locks {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(lock).execute(&mut *tx).await.map_err(db_error)?;
+    }
+    let mut deleted = 0;
+    for (meter, keys) in &reset.counters {
+        deleted +=
+            sqlx::query("DELETE FROM usage_counters WHERE account_id = $1 AND meter = $2 AND window_key = ANY($3)")
+                .bind(reset.account.0)
+                .bind(meter)
+                .bind(keys)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?
+                .rows_affected();
+    }
+    insert_audit(&mut tx, &reset.audit.meta("rows_deleted", deleted)).await?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(deleted)
+}
+
 #[cfg(test)]
 mod tests {
     use tollgate_core::Store;
@@ -1019,31 +1046,4 @@ mod tests {
         store.close().await;
         database.drop().await;
     }
-}
-
-/// An admin's quota reset: under each meter's advisory lock (in ascending key order,
-/// like a batch), so no consume that read the old counts commits after it.
-pub(crate) async fn reset_counters(store: &PgStore, reset: CounterReset) -> Result<u64, StoreError> {
-    let mut tx = store.pool.begin().await.map_err(db_error)?;
-    let mut locks: Vec<i64> = reset.counters.iter().map(|(meter, _)| counters_lock_key(reset.account, meter)).collect();
-    locks.sort_unstable();
-    locks.dedup();
-    for lock in locks {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(lock).execute(&mut *tx).await.map_err(db_error)?;
-    }
-    let mut deleted = 0;
-    for (meter, keys) in &reset.counters {
-        deleted +=
-            sqlx::query("DELETE FROM usage_counters WHERE account_id = $1 AND meter = $2 AND window_key = ANY($3)")
-                .bind(reset.account.0)
-                .bind(meter)
-                .bind(keys)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?
-                .rows_affected();
-    }
-    insert_audit(&mut tx, &reset.audit.meta("rows_deleted", deleted)).await?;
-    tx.commit().await.map_err(db_error)?;
-    Ok(deleted)
 }

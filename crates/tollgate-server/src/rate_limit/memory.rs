@@ -99,6 +99,10 @@ impl RateLimitBackend for MemoryRateLimiter {
         Ok(removed)
     }
 
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
     async fn forget(&self, keys: &[String]) -> Result<u64, BackendError> {
         let mut removed = 0;
         for key in keys {

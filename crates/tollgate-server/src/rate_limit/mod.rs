@@ -41,6 +41,14 @@ pub trait RateLimitBackend: Send + Sync + 'static {
     /// Forgets exactly these keys (a subject's known keys: `clear` on `login:ada@x.com`
     /// would also take `login:ada@x.com.au`); returns how many existed.
     async fn forget(&self, keys: &[String]) -> Result<u64, BackendError>;
+
+    /// Where the state lives, for the health page: `memory` or `redis`.
+    fn name(&self) -> &'static str;
+
+    /// A round trip to the backend (nothing to do in memory).
+    async fn ping(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// What to do when the backend cannot answer.
@@ -109,5 +117,13 @@ impl Limiter {
 
     pub async fn forget(&self, keys: &[String]) -> Result<u64, BackendError> {
         self.backend.forget(keys).await
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub async fn ping(&self) -> Result<(), BackendError> {
+        self.backend.ping().await
     }
 }

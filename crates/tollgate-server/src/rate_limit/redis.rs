@@ -237,6 +237,15 @@ impl RateLimitBackend for RedisRateLimiter {
         }
     }
 
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(|e| backend_error("ping", e))
+    }
+
     async fn forget(&self, keys: &[String]) -> Result<u64, BackendError> {
         if keys.is_empty() {
             return Ok(0);

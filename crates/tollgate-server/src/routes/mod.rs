@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod admin_accounts;
+pub mod admin_system;
 pub mod attempts;
 pub mod auth;
 pub mod billing;

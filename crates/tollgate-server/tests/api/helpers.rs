@@ -227,6 +227,7 @@ impl Builder {
             }),
             stripe: self.stripe,
             admin_require_2fa: self.admin_require_2fa,
+            retention: tollgate_server::config::RetentionConfig { usage_events_days: 90, audit_days: 365 },
         };
         let running = server::start(config.clone()).await.unwrap();
         let base = format!("http://{}", running.addr);

@@ -98,6 +98,11 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/v1/admin/users/{id}/clear-rate-limits", "post"),
         ("/v1/admin/users/{id}/impersonate", "post"),
         ("/v1/admin/audit-log", "get"),
+        ("/v1/admin/accounts/{id}/credits/adjust", "post"),
+        ("/v1/admin/accounts/{id}/quotas/reset", "post"),
+        ("/v1/admin/accounts/{id}/subscription", "put"),
+        ("/v1/admin/system/health", "get"),
+        ("/v1/admin/system/cleanup", "post"),
     ];
     let mut documented = 0;
     for (path, ops) in paths {
