@@ -68,6 +68,10 @@ typed_id!(
     ServiceKeyId
 );
 typed_id!(
+    /// An account's API key.
+    ApiKeyId
+);
+typed_id!(
     /// A usage event.
     UsageEventId
 );

@@ -7,6 +7,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod api_keys;
 pub mod audit;
 pub mod billing;
 pub mod credits;

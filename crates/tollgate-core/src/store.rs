@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use crate::Timestamp;
 use crate::accounts::{Account, NewExternalAccount, ServiceKey, Subscription};
 use crate::admin::{UserChange, UserPage, UserQuery};
+use crate::api_keys::ApiKey;
 use crate::audit::{AuditEvent, AuditQuery};
 use crate::billing::{BillingEffect, BillingOutcome, Payment, ProviderEvent};
 use crate::credits::{CreditBalance, CreditReceipt, CreditTransaction, CreditTransfer, LedgerCheck, TransactionQuery};
@@ -16,7 +17,7 @@ use crate::identity::{
     EmailAddress, Locale, NewSession, NewUser, OneTimeToken, Redeemed, RefreshOutcome, Session, SessionScope,
     TokenDigest, TokenEffect, TokenPurpose, User,
 };
-use crate::ids::{AccountId, EmailId, LeaseId, ReservationId, SessionId, UserId};
+use crate::ids::{AccountId, ApiKeyId, EmailId, LeaseId, ReservationId, SessionId, UserId};
 use crate::metering::{CounterReset, LeaseDecision, LeaseRequest, Reservation, UsageDecision, UsageRequest};
 use crate::plans::Catalog;
 
@@ -281,6 +282,25 @@ pub trait Store: BillingStore + Send + Sync + 'static {
 
     /// A service key by the digest of its secret (revoked ones too: callers check).
     async fn service_key_by_digest(&self, digest: &TokenDigest) -> Result<Option<ServiceKey>, StoreError>;
+
+    // ---- account API keys ------------------------------------------------------
+
+    /// Stores a new key with its audit event. `Conflict("api_keys_limit")` when the
+    /// account already has `api_keys::MAX_PER_ACCOUNT` live keys.
+    async fn create_api_key(&self, key: ApiKey, digest: TokenDigest, audit: AuditEvent) -> Result<(), StoreError>;
+
+    /// A key by the digest of its secret (revoked and expired ones too: callers check).
+    async fn api_key_by_digest(&self, digest: &TokenDigest) -> Result<Option<ApiKey>, StoreError>;
+
+    /// The account's keys that are not revoked, newest first.
+    async fn api_keys(&self, account: AccountId) -> Result<Vec<ApiKey>, StoreError>;
+
+    /// Revokes a live key of `account`, with its audit event. `NotFound` when the
+    /// account has no such unrevoked key.
+    async fn revoke_api_key(&self, account: AccountId, id: ApiKeyId, audit: AuditEvent) -> Result<ApiKey, StoreError>;
+
+    /// Records that a key was used at `at` (callers write this at most once a minute).
+    async fn touch_api_key(&self, id: ApiKeyId, at: Timestamp) -> Result<(), StoreError>;
 
     // ---- usage -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@
 //! (balance, subscription and payment row locks), see `billing.rs`.
 
 mod admin;
+mod api_keys;
 mod billing;
 mod migrations;
 mod read_cache;

@@ -6,6 +6,7 @@
 //! run alongside the writer.
 
 mod admin;
+mod api_keys;
 mod billing;
 mod checkpointer;
 mod migrations;

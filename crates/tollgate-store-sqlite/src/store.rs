@@ -956,6 +956,39 @@ impl Store for SqliteStore {
         usage::service_key_by_digest(self, digest).await
     }
 
+    async fn create_api_key(
+        &self,
+        key: tollgate_core::api_keys::ApiKey,
+        digest: TokenDigest,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        crate::api_keys::create(self, key, digest, audit).await
+    }
+
+    async fn api_key_by_digest(
+        &self,
+        digest: &TokenDigest,
+    ) -> Result<Option<tollgate_core::api_keys::ApiKey>, StoreError> {
+        crate::api_keys::by_digest(self, digest).await
+    }
+
+    async fn api_keys(&self, account: AccountId) -> Result<Vec<tollgate_core::api_keys::ApiKey>, StoreError> {
+        crate::api_keys::list(self, account).await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        account: AccountId,
+        id: tollgate_core::ids::ApiKeyId,
+        audit: AuditEvent,
+    ) -> Result<tollgate_core::api_keys::ApiKey, StoreError> {
+        crate::api_keys::revoke(self, account, id, audit).await
+    }
+
+    async fn touch_api_key(&self, id: tollgate_core::ids::ApiKeyId, at: Timestamp) -> Result<(), StoreError> {
+        crate::api_keys::touch(self, id, at).await
+    }
+
     async fn consume_usage(&self, request: UsageRequest) -> Result<UsageDecision, StoreError> {
         usage::consume_usage(self, request).await
     }

@@ -783,3 +783,57 @@ pub async fn cleanup_deletes_only_what_retention_names(store: Arc<dyn Store>) {
     let again = store.cleanup(retention, audit("admin.system.cleanup", now)).await.unwrap();
     assert_eq!(again, Default::default(), "a second cleanup finds nothing");
 }
+
+pub async fn api_keys_are_found_listed_revoked_and_limited(store: Arc<dyn Store>) {
+    use crate::api_keys::{self, ApiKey, ApiKeyScope, MAX_PER_ACCOUNT};
+    use crate::ids::ApiKeyId;
+    let now = t0();
+    let account = external(&store, "cus_keys").await;
+    let other = external(&store, "cus_other").await;
+    let key = |account: AccountId, at: Timestamp| ApiKey {
+        id: ApiKeyId::new(),
+        account_id: account,
+        name: "ci".into(),
+        prefix: "tg_live_abcd".into(),
+        scopes: vec![ApiKeyScope::Read, ApiKeyScope::Write],
+        created_at: at,
+        expires_at: Some(at + Duration::days(30)),
+        last_used_at: None,
+        revoked_at: None,
+    };
+    let first = key(account, now);
+    let secret = api_keys::generate_secret();
+    store.create_api_key(first.clone(), api_keys::digest(&secret), audit("api_key.created", now)).await.unwrap();
+    assert_eq!(store.api_key_by_digest(&api_keys::digest(&secret)).await.unwrap(), Some(first.clone()));
+    assert_eq!(store.api_key_by_digest(&api_keys::digest("tg_live_nope")).await.unwrap(), None);
+    store.touch_api_key(first.id, now + Duration::seconds(5)).await.unwrap();
+    store.touch_api_key(first.id, now + Duration::seconds(1)).await.unwrap();
+    let listed = store.api_keys(account).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].last_used_at, Some(now + Duration::seconds(5)), "touches never go back in time");
+    assert!(store.api_keys(other).await.unwrap().is_empty());
+
+    // Another account cannot revoke it; its own account can, once.
+    let r = store.revoke_api_key(other, first.id, audit("api_key.revoked", now)).await;
+    assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+    let revoked = store.revoke_api_key(account, first.id, audit("api_key.revoked", now)).await.unwrap();
+    assert_eq!(revoked.revoked_at, Some(now));
+    let r = store.revoke_api_key(account, first.id, audit("api_key.revoked", now)).await;
+    assert!(matches!(r, Err(StoreError::NotFound)));
+    assert!(store.api_keys(account).await.unwrap().is_empty());
+    let found = store.api_key_by_digest(&api_keys::digest(&secret)).await.unwrap().unwrap();
+    assert!(!found.is_live(now), "a revoked key is found but not live");
+
+    // At most MAX_PER_ACCOUNT live keys; revoked ones do not count.
+    for i in 0..MAX_PER_ACCOUNT {
+        let k = key(account, now + Duration::microseconds(i as i64 + 1));
+        store.create_api_key(k, api_keys::digest(&format!("s{i}")), audit("api_key.created", now)).await.unwrap();
+    }
+    let r = store.create_api_key(key(account, now), api_keys::digest("one-more"), audit("api_key.created", now)).await;
+    assert!(matches!(r, Err(StoreError::Conflict("api_keys_limit"))), "{r:?}");
+    let events = store
+        .list_audit(AuditQuery { action: Some("api_key.created".into()), limit: 200, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(events.len(), MAX_PER_ACCOUNT + 1, "the refused key left no event");
+}
