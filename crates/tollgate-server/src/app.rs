@@ -18,7 +18,8 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::error::{ApiError, rate_limit_headers};
 use crate::observe::ObserveLayer;
 use crate::routes::{
-    accounts, admin, admin_accounts, admin_system, auth, billing, credits, me, mfa, ops, pages, plans, ratelimit, usage,
+    accounts, admin, admin_accounts, admin_system, api_keys, auth, billing, credits, me, mfa, ops, pages, plans,
+    ratelimit, usage,
 };
 use crate::state::AppState;
 
@@ -77,6 +78,8 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(me::change_email))
         .routes(routes!(me::list_sessions, me::revoke_other_sessions))
         .routes(routes!(me::revoke_session))
+        .routes(routes!(api_keys::create, api_keys::list))
+        .routes(routes!(api_keys::revoke))
         .routes(routes!(mfa::setup))
         .routes(routes!(mfa::enable))
         .routes(routes!(mfa::disable))

@@ -38,6 +38,8 @@ pub enum ApiError {
     Admin2faRequired,
     #[error("an impersonation token cannot do this")]
     ImpersonationForbidden,
+    #[error("an API key cannot do this: sign in")]
+    ApiKeyForbidden,
     #[error("an admin cannot suspend, delete or demote themselves")]
     AdminSelfChange,
     #[error("not found")]
@@ -132,6 +134,7 @@ impl ApiError {
             Forbidden => ("forbidden", StatusCode::FORBIDDEN),
             Admin2faRequired => ("admin_2fa_required", StatusCode::FORBIDDEN),
             ImpersonationForbidden => ("impersonation_forbidden", StatusCode::FORBIDDEN),
+            ApiKeyForbidden => ("api_key_forbidden", StatusCode::FORBIDDEN),
             AdminSelfChange => ("admin_self_change", StatusCode::CONFLICT),
             NotFound => ("not_found", StatusCode::NOT_FOUND),
             MethodNotAllowed => ("method_not_allowed", StatusCode::METHOD_NOT_ALLOWED),
@@ -240,6 +243,11 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict("users_email") => ApiError::EmailTaken,
             StoreError::Conflict("subscription_changed") => ApiError::ConcurrentChange,
             StoreError::Conflict("idempotency_key") => ApiError::IdempotencyKeyReused,
+            StoreError::Conflict("api_keys_limit") => ApiError::Validation(vec![FieldError {
+                field: "api_keys",
+                code: "too_many",
+                message: format!("at most {} live API keys per account", tollgate_core::api_keys::MAX_PER_ACCOUNT),
+            }]),
             StoreError::Conflict("credits_overflow") => ApiError::Validation(vec![FieldError {
                 field: "amount",
                 code: "too_large",

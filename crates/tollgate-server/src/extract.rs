@@ -113,19 +113,50 @@ impl<S: Send + Sync> FromRequestParts<S> for Origin {
     }
 }
 
-/// A signed-in user, from `Authorization: Bearer <access token>`. The token's
-/// signature and expiry are checked offline; its session and user are then loaded,
-/// so a revoked session or a suspended user is refused at once, not at expiry.
+/// A signed-in user, from `Authorization: Bearer <access token>`, or the user of an
+/// account's API key (`Bearer tg_live_...`). An access token's signature and expiry
+/// are checked offline; its session and user are then loaded, so a revoked session
+/// or a suspended user is refused at once, not at expiry. An API key's user is loaded
+/// the same way on every request, and the key's scope follows the method (`read` for
+/// GET and HEAD, `write` for the rest), so no handler can forget to check it.
 pub struct CurrentUser {
     pub user: User,
-    pub session: Session,
-    pub claims: Claims,
+    pub via: Credential,
+}
+
+/// How the caller proved who they are.
+pub enum Credential {
+    Session { session: Session, claims: Box<Claims> },
+    ApiKey(tollgate_core::api_keys::ApiKey),
 }
 
 impl CurrentUser {
+    /// The session of a signed-in caller (none for an API key).
+    pub fn session(&self) -> Option<&Session> {
+        match &self.via {
+            Credential::Session { session, .. } => Some(session),
+            Credential::ApiKey(_) => None,
+        }
+    }
+
+    fn claims(&self) -> Option<&Claims> {
+        match &self.via {
+            Credential::Session { claims, .. } => Some(claims),
+            Credential::ApiKey(_) => None,
+        }
+    }
+
+    pub fn is_impersonation(&self) -> bool {
+        self.claims().is_some_and(|c| c.is_impersonation())
+    }
+
+    pub fn is_api_key(&self) -> bool {
+        matches!(self.via, Credential::ApiKey(_))
+    }
+
     /// The admin acting as this user, when the token is an impersonation token.
     pub fn impersonator(&self) -> Option<tollgate_core::ids::UserId> {
-        self.claims.impersonator()
+        self.claims().and_then(|c| c.impersonator())
     }
 
     /// Who the audit log names for what this request does.
@@ -142,10 +173,21 @@ impl CurrentUser {
         origin
     }
 
-    /// 403 `impersonation_forbidden` for an impersonation token: password, email and
-    /// second-factor changes are the user's own.
-    pub fn refuse_impersonation(&self) -> Result<(), ApiError> {
-        if self.claims.is_impersonation() { Err(ApiError::ImpersonationForbidden) } else { Ok(()) }
+    /// The user's own sign-in, or 403: password, email, second factor and API keys
+    /// are changed by the user, not through an impersonation token
+    /// (`impersonation_forbidden`) nor with an API key (`api_key_forbidden`).
+    pub fn refuse_delegated(&self) -> Result<&Session, ApiError> {
+        match &self.via {
+            Credential::ApiKey(_) => Err(ApiError::ApiKeyForbidden),
+            Credential::Session { claims, .. } if claims.is_impersonation() => Err(ApiError::ImpersonationForbidden),
+            Credential::Session { session, .. } => Ok(session),
+        }
+    }
+
+    /// The session, or 403 `api_key_forbidden` (signing out and managing sessions
+    /// need one).
+    pub fn require_session(&self) -> Result<&Session, ApiError> {
+        self.session().ok_or(ApiError::ApiKeyForbidden)
     }
 }
 
@@ -168,6 +210,9 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let state = AppState::from_ref(state);
         let token = bearer(parts).ok_or(ApiError::Unauthenticated)?;
+        if token.starts_with(tollgate_core::api_keys::PREFIX) {
+            return api_key_user(&state, &parts.method, token).await;
+        }
         let claims = state.tokens.verify(token).map_err(|e: TokenError| {
             tracing::debug!(reason = %e, "access token refused");
             ApiError::Unauthenticated
@@ -193,8 +238,27 @@ where
         if session.last_seen_at < now - TOUCH_EVERY {
             state.store.touch_session(session.id, now, now - TOUCH_EVERY).await?;
         }
-        Ok(CurrentUser { user, session, claims })
+        Ok(CurrentUser { user, via: Credential::Session { session, claims: Box::new(claims) } })
     }
+}
+
+/// The user of an account's API key: live key, scope for the method, active user.
+async fn api_key_user(state: &AppState, method: &Method, secret: &str) -> Result<CurrentUser, ApiError> {
+    use tollgate_core::api_keys::ApiKeyScope;
+    let key = state.api_keys.lookup(&state.store, secret).await?.ok_or(ApiError::Unauthenticated)?;
+    if !key.is_live(OffsetDateTime::now_utc()) {
+        return Err(ApiError::Unauthenticated);
+    }
+    let user = state.store.user_by_account(key.account_id).await?.ok_or(ApiError::Unauthenticated)?;
+    if user.status != UserStatus::Active {
+        return Err(ApiError::Unauthenticated);
+    }
+    let needed = if *method == Method::GET || *method == Method::HEAD { ApiKeyScope::Read } else { ApiKeyScope::Write };
+    if !key.allows(needed) {
+        return Err(ApiError::MissingScope(needed.as_str()));
+    }
+    state.api_keys.used(&state.store, key.id);
+    Ok(CurrentUser { user, via: Credential::ApiKey(key) })
 }
 
 /// A query string: a parameter of the wrong type is a 422 `invalid_body` in the usual
@@ -284,8 +348,12 @@ where
                 Ok(Admin::Service(service))
             }
             Caller::User(current) => {
-                if current.claims.is_impersonation() {
+                if current.is_impersonation() {
                     return Err(ApiError::ImpersonationForbidden);
+                }
+                // An API key acts as its user, never as an admin.
+                if current.is_api_key() {
+                    return Err(ApiError::ApiKeyForbidden);
                 }
                 // The role as stored now, not as the token says: a demotion applies at once.
                 if current.user.role != Role::Admin {

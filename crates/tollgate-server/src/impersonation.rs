@@ -1,7 +1,7 @@
 //! Impersonation: an admin acting as a user through a short-lived access token whose
 //! `act` claim (RFC 8693) names the admin. Such a token is a user's token everywhere
 //! except the admin API and password, email and second-factor changes (refused by
-//! `Admin` and `CurrentUser::refuse_impersonation`). What it changes is audited as
+//! `Admin` and `CurrentUser::refuse_delegated`). What it changes is audited as
 //! `Actor::Impersonator` (admin and user); on top of that every request it makes to
 //! `/v1/me` and `/v1/billing` (checkout, portal) is recorded here, reads included,
 //! with method, path and status.

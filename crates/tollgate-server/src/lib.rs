@@ -3,6 +3,7 @@
 //! store crates.
 
 pub mod access_token;
+pub mod api_key;
 pub mod app;
 pub mod billing;
 pub mod catalog;

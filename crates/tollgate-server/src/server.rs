@@ -101,6 +101,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         limiter,
         catalog: SharedCatalog::new(catalog),
         service_keys: Arc::new(KeyCache::default()),
+        api_keys: Default::default(),
         billing: crate::billing::Billing::from_config(&config)?,
         config: Arc::new(config),
         started_at: std::time::Instant::now(),

@@ -39,6 +39,7 @@ pub struct Shared {
     pub catalog: SharedCatalog,
     pub quotas: Quotas,
     pub service_keys: Arc<KeyCache>,
+    pub api_keys: Arc<crate::api_key::ApiKeyCache>,
     pub billing: crate::billing::Billing,
     pub config: Arc<Config>,
     /// When this process started serving (the health page's uptime).

@@ -223,6 +223,8 @@ pub struct UserDetail {
     pub recent_transactions: Vec<CreditTransaction>,
     /// Live sessions, newest first.
     pub sessions: Vec<SessionView>,
+    /// The account's API keys that are not revoked (prefixes, never secrets).
+    pub api_keys: Vec<super::api_keys::ApiKeyView>,
     #[schema(value_type = Vec<Object>)]
     pub recent_payments: Vec<Payment>,
     /// Audit events about the user, newest first.
@@ -266,6 +268,7 @@ pub async fn get_user(
             .iter()
             .map(|s| SessionView::new(s, false))
             .collect(),
+        api_keys: store.api_keys(user.account_id).await?.iter().map(super::api_keys::ApiKeyView::from).collect(),
         recent_payments: store.payments(Some(user.account_id), RECENT).await?,
         recent_audit_events: store.list_audit(audit).await?.into_iter().map(AuditEventView::from).collect(),
         user: UserView::from(&user),

@@ -275,7 +275,8 @@ pub async fn logout(
     Origin(origin): Origin,
     current: CurrentUser,
 ) -> ApiResult<StatusCode> {
-    state.identity.logout(current.user.id, current.session.id, &current.origin(origin)).await?;
+    let session = current.require_session()?.id;
+    state.identity.logout(current.user.id, session, &current.origin(origin)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -89,8 +89,8 @@ pub async fn change_password(
     ApiJson(body): ApiJson<ChangePasswordRequest>,
 ) -> ApiResult<StatusCode> {
     let keys = [user_password_key(&current.user.email)];
-    current.refuse_impersonation()?;
-    let attempt = state.identity.change_password(&current.user, current.session.id, &body.current, &body.new, &origin);
+    let session = current.refuse_delegated()?.id;
+    let attempt = state.identity.change_password(&current.user, session, &body.current, &body.new, &origin);
     limited_attempt(&state, &keys, attempt).await??;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -117,7 +117,7 @@ pub async fn change_email(
     current: CurrentUser,
     ApiJson(body): ApiJson<ChangeEmailRequest>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
-    current.refuse_impersonation()?;
+    current.refuse_delegated()?;
     let keys = [user_password_key(&current.user.email)];
     limited_attempt(&state, &keys, state.identity.request_email_change(&current.user, &body.email, &body.password))
         .await??;
@@ -134,7 +134,8 @@ pub struct SessionList {
     responses((status = 200, description = "Sessions", body = SessionList)))]
 pub async fn list_sessions(State(state): State<AppState>, current: CurrentUser) -> ApiResult<Json<SessionList>> {
     let sessions = state.identity.sessions(current.user.id).await?;
-    let sessions = sessions.iter().map(|s| SessionView::new(s, s.id == current.session.id)).collect();
+    let this = current.session().map(|s| s.id);
+    let sessions = sessions.iter().map(|s| SessionView::new(s, Some(s.id) == this)).collect();
     Ok(Json(SessionList { sessions }))
 }
 
@@ -151,6 +152,7 @@ pub async fn revoke_session(
     current: CurrentUser,
     Path(id): Path<Uuid>,
 ) -> ApiResult<StatusCode> {
+    current.require_session()?;
     let origin = current.origin(origin);
     state.identity.revoke_sessions(current.user.id, SessionScope::One(SessionId(id)), &origin).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -169,9 +171,10 @@ pub async fn revoke_other_sessions(
     Origin(origin): Origin,
     current: CurrentUser,
 ) -> ApiResult<Json<RevokedCount>> {
+    let session = current.require_session()?.id;
     let revoked = state
         .identity
-        .revoke_sessions(current.user.id, SessionScope::AllExcept(current.session.id), &current.origin(origin))
+        .revoke_sessions(current.user.id, SessionScope::AllExcept(session), &current.origin(origin))
         .await?;
     Ok(Json(RevokedCount { revoked }))
 }

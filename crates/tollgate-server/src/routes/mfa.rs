@@ -30,7 +30,7 @@ pub struct TotpSetupResponse {
         (status = 409, description = "`mfa_already_enabled`", body = ErrorResponse),
     ))]
 pub async fn setup(State(state): State<AppState>, current: CurrentUser) -> ApiResult<Json<TotpSetupResponse>> {
-    current.refuse_impersonation()?;
+    current.refuse_delegated()?;
     let setup = state.identity.totp_setup(&current.user).await?;
     let qr = QrCode::new(setup.otpauth_uri.as_bytes()).map_err(|e| ApiError::Internal(format!("QR code: {e}")))?;
     let svg = qr.render::<svg::Color<'_>>().min_dimensions(200, 200).build();
@@ -79,7 +79,7 @@ pub async fn enable(
     ApiJson(body): ApiJson<EnableRequest>,
 ) -> ApiResult<Json<RecoveryCodes>> {
     let keys = [user_password_key(&current.user.email)];
-    current.refuse_impersonation()?;
+    current.refuse_delegated()?;
     let attempt = state.identity.totp_enable(&current.user, &body.password, &body.code, &origin);
     let recovery_codes = limited_attempt(&state, &keys, attempt).await??;
     Ok(Json(RecoveryCodes { recovery_codes }))
@@ -106,7 +106,7 @@ pub async fn disable(
     ApiJson(body): ApiJson<DisableRequest>,
 ) -> ApiResult<axum::http::StatusCode> {
     let keys = [user_password_key(&current.user.email), code_key(current.user.id)];
-    current.refuse_impersonation()?;
+    current.refuse_delegated()?;
     let attempt = state.identity.totp_disable(&current.user, &body.password, &body.code, &origin);
     limited_attempt(&state, &keys, attempt).await??;
     Ok(axum::http::StatusCode::NO_CONTENT)
@@ -132,7 +132,7 @@ pub async fn regenerate_recovery_codes(
     ApiJson(body): ApiJson<PasswordRequest>,
 ) -> ApiResult<Json<RecoveryCodes>> {
     let keys = [user_password_key(&current.user.email)];
-    current.refuse_impersonation()?;
+    current.refuse_delegated()?;
     let attempt = state.identity.regenerate_recovery_codes(&current.user, &body.password, &origin);
     let recovery_codes = limited_attempt(&state, &keys, attempt).await??;
     Ok(Json(RecoveryCodes { recovery_codes }))

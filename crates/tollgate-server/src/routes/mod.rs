@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod admin;
 pub mod admin_accounts;
 pub mod admin_system;
+pub mod api_keys;
 pub mod attempts;
 pub mod auth;
 pub mod billing;

@@ -103,6 +103,9 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/v1/admin/accounts/{id}/subscription", "put"),
         ("/v1/admin/system/health", "get"),
         ("/v1/admin/system/cleanup", "post"),
+        ("/v1/me/api-keys", "post"),
+        ("/v1/me/api-keys", "get"),
+        ("/v1/me/api-keys/{id}", "delete"),
     ];
     let mut documented = 0;
     for (path, ops) in paths {
