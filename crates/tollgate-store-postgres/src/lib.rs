@@ -14,6 +14,7 @@ mod admin;
 mod billing;
 mod migrations;
 mod read_cache;
+mod reports;
 mod rows;
 mod store;
 mod usage;

@@ -10,6 +10,7 @@ mod billing;
 mod checkpointer;
 mod migrations;
 mod read_cache;
+mod reports;
 mod rows;
 mod store;
 mod usage;
