@@ -17,7 +17,9 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ApiError, rate_limit_headers};
 use crate::observe::ObserveLayer;
-use crate::routes::{accounts, admin, auth, billing, credits, me, mfa, ops, pages, plans, ratelimit, usage};
+use crate::routes::{
+    accounts, admin, admin_reports, auth, billing, credits, me, mfa, ops, pages, plans, ratelimit, usage,
+};
 use crate::state::AppState;
 
 /// Largest accepted request body.
@@ -38,7 +40,7 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
         (name = "usage", description = "Check and consume quotas: the hot path (service key)"),
         (name = "credits", description = "Credit packages, balances, spending, grants, payments"),
         (name = "billing", description = "Stripe checkout, customer portal and webhooks"),
-        (name = "admin", description = "Users and the audit log (admin users, or service keys with admin:read / admin:write)"),
+        (name = "admin", description = "Users, the audit log and reports (admin users, or service keys with admin:read / admin:write)"),
     )
 )]
 struct ApiDoc;
@@ -122,7 +124,11 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(admin::revoke_sessions))
         .routes(routes!(admin::clear_rate_limits))
         .routes(routes!(admin::impersonate))
-        .routes(routes!(admin::audit_log));
+        .routes(routes!(admin::audit_log))
+        .routes(routes!(admin_reports::stats))
+        .routes(routes!(admin_reports::usage_analytics))
+        .routes(routes!(admin_reports::usage_logs))
+        .routes(routes!(admin_reports::payments));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod admin_reports;
 pub mod attempts;
 pub mod auth;
 pub mod billing;

@@ -6,6 +6,7 @@ mod smtp_sink;
 
 mod accounts;
 mod admin;
+mod admin_reports;
 mod auth;
 mod billing;
 mod credits;

@@ -98,6 +98,10 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/v1/admin/users/{id}/clear-rate-limits", "post"),
         ("/v1/admin/users/{id}/impersonate", "post"),
         ("/v1/admin/audit-log", "get"),
+        ("/v1/admin/stats", "get"),
+        ("/v1/admin/analytics/usage", "get"),
+        ("/v1/admin/usage-logs", "get"),
+        ("/v1/admin/payments", "get"),
     ];
     let mut documented = 0;
     for (path, ops) in paths {
