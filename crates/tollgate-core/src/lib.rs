@@ -18,6 +18,7 @@ pub mod ids;
 pub mod metering;
 pub mod plans;
 pub mod ratelimit;
+pub mod reports;
 pub mod store;
 pub mod system;
 

@@ -20,6 +20,7 @@ use crate::identity::{
 use crate::ids::{AccountId, ApiKeyId, EmailId, LeaseId, ReservationId, SessionId, UserId};
 use crate::metering::{CounterReset, LeaseDecision, LeaseRequest, Reservation, UsageDecision, UsageRequest};
 use crate::plans::Catalog;
+use crate::reports::{AdminStats, PaymentQuery, StatsQuery, UsageLogEntry, UsageLogQuery};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -363,6 +364,25 @@ pub trait Store: BillingStore + Send + Sync + 'static {
         meter: &str,
         keys: &[Vec<String>],
     ) -> Result<Vec<i64>, StoreError>;
+
+    // ---- admin reports (read only) -------------------------------------------------
+
+    /// The admin dashboard's counts and sums (`reports::AdminStats`), all read from one
+    /// snapshot.
+    async fn admin_stats(&self, query: StatsQuery) -> Result<AdminStats, StoreError>;
+
+    /// Daily totals summed over all accounts, optionally of one meter, for days in
+    /// `[from, to]` (`YYYY-MM-DD`), ordered by day then meter.
+    async fn admin_usage_daily(&self, meter: Option<&str>, from: &str, to: &str)
+    -> Result<Vec<DailyUsage>, StoreError>;
+
+    /// Usage events of all accounts matching `query`, newest first, at most
+    /// `query.limit`.
+    async fn admin_usage_events(&self, query: UsageLogQuery) -> Result<Vec<UsageLogEntry>, StoreError>;
+
+    /// Payments of all accounts (or one) matching `query`, newest first, at most
+    /// `query.limit`.
+    async fn admin_payments(&self, query: PaymentQuery) -> Result<Vec<Payment>, StoreError>;
 }
 
 /// Credits and billing: the ledger, payments and provider events.

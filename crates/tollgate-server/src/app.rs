@@ -18,8 +18,8 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::error::{ApiError, rate_limit_headers};
 use crate::observe::ObserveLayer;
 use crate::routes::{
-    accounts, admin, admin_accounts, admin_system, api_keys, auth, billing, credits, me, mfa, ops, pages, plans,
-    ratelimit, usage,
+    accounts, admin, admin_accounts, admin_reports, admin_system, api_keys, auth, billing, credits, me, mfa, ops,
+    pages, plans, ratelimit, usage,
 };
 use crate::state::AppState;
 
@@ -41,7 +41,7 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
         (name = "usage", description = "Check and consume quotas: the hot path (service key)"),
         (name = "credits", description = "Credit packages, balances, spending, grants, payments"),
         (name = "billing", description = "Stripe checkout, customer portal and webhooks"),
-        (name = "admin", description = "Users and the audit log (admin users, or service keys with admin:read / admin:write)"),
+        (name = "admin", description = "Users, the audit log and reports (admin users, or service keys with admin:read / admin:write)"),
     )
 )]
 struct ApiDoc;
@@ -132,7 +132,11 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(admin_accounts::reset_quotas))
         .routes(routes!(admin_accounts::put_subscription))
         .routes(routes!(admin_system::health))
-        .routes(routes!(admin_system::cleanup));
+        .routes(routes!(admin_system::cleanup))
+        .routes(routes!(admin_reports::stats))
+        .routes(routes!(admin_reports::usage_analytics))
+        .routes(routes!(admin_reports::usage_logs))
+        .routes(routes!(admin_reports::payments));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))

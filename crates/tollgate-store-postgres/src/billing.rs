@@ -578,7 +578,7 @@ async fn refunded(
     Ok(BillingOutcome::Applied)
 }
 
-fn payment(row: &PgRow) -> Result<Payment, StoreError> {
+pub(crate) fn payment(row: &PgRow) -> Result<Payment, StoreError> {
     let kind: String = get(row, "kind")?;
     let status: String = get(row, "status")?;
     Ok(Payment {

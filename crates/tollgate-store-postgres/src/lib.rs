@@ -15,6 +15,7 @@ mod api_keys;
 mod billing;
 mod migrations;
 mod read_cache;
+mod reports;
 mod rows;
 mod store;
 mod system;

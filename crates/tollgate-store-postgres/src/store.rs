@@ -31,7 +31,7 @@ use tollgate_core::{Store, StoreError, Timestamp};
 use uuid::Uuid;
 
 use crate::rows::{self, get};
-use crate::{PgStore, admin, billing, db_error, usage};
+use crate::{PgStore, admin, billing, db_error, reports, usage};
 
 pub(crate) async fn insert_audit(conn: &mut PgConnection, e: &AuditEvent) -> Result<(), StoreError> {
     sqlx::query(
@@ -1122,5 +1122,34 @@ impl Store for PgStore {
         keys: &[Vec<String>],
     ) -> Result<Vec<i64>, StoreError> {
         usage::counter_values(self, account, meter, keys).await
+    }
+
+    // ---- admin reports (read only) -------------------------------------------------
+
+    async fn admin_stats(
+        &self,
+        query: tollgate_core::reports::StatsQuery,
+    ) -> Result<tollgate_core::reports::AdminStats, StoreError> {
+        reports::stats(self, query).await
+    }
+
+    async fn admin_usage_daily(
+        &self,
+        meter: Option<&str>,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<DailyUsage>, StoreError> {
+        reports::usage_daily(self, meter, from, to).await
+    }
+
+    async fn admin_usage_events(
+        &self,
+        query: tollgate_core::reports::UsageLogQuery,
+    ) -> Result<Vec<tollgate_core::reports::UsageLogEntry>, StoreError> {
+        reports::usage_events(self, query).await
+    }
+
+    async fn admin_payments(&self, query: tollgate_core::reports::PaymentQuery) -> Result<Vec<Payment>, StoreError> {
+        reports::payments(self, query).await
     }
 }

@@ -566,7 +566,7 @@ async fn refunded(
     Ok(BillingOutcome::Applied)
 }
 
-fn payment(row: &SqliteRow) -> Result<Payment, StoreError> {
+pub(crate) fn payment(row: &SqliteRow) -> Result<Payment, StoreError> {
     let kind: String = row.try_get("kind").map_err(db_error)?;
     let status: String = row.try_get("status").map_err(db_error)?;
     Ok(Payment {

@@ -11,6 +11,7 @@ mod billing;
 mod checkpointer;
 mod migrations;
 mod read_cache;
+mod reports;
 mod rows;
 mod store;
 mod system;

@@ -5,6 +5,7 @@
 
 mod admin;
 mod credits;
+mod reports;
 mod usage;
 
 pub use admin::{
@@ -17,6 +18,8 @@ pub use credits::{
     ledger_stays_balanced_under_random_sequences, provider_customers_link_once, provider_events_apply_once,
     provider_subscriptions_never_move_backwards,
 };
+
+pub use reports::{admin_stats_count_exactly, admin_usage_reports_sum_filter_and_page};
 
 pub use usage::{
     api_keys_are_found_listed_revoked_and_limited, catalog_apply_is_idempotent_and_archives_plans_in_use,
@@ -75,6 +78,7 @@ macro_rules! conformance_tests {
             provider_subscriptions_never_move_backwards, provider_customers_link_once, spent_windows_draw_on_credits,
             admin_user_lists_filter_sort_and_page, admin_user_pages_are_stable_under_inserts,
             admin_suspension_ends_sessions_in_one_transaction, impersonation_sessions_do_not_count_as_logins,
+            admin_stats_count_exactly, admin_usage_reports_sum_filter_and_page,
         );
     };
     (@expand $make:expr; $($name:ident),+ $(,)?) => {

@@ -34,22 +34,22 @@ use crate::state::AppState;
 /// How many recent items of each kind a user's detail shows.
 const RECENT: u32 = 20;
 
-fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
+pub(super) fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::Validation(vec![FieldError { field, code: "invalid", message: message.into() }])
 }
 
-fn parse_time(field: &'static str, value: Option<&str>) -> Result<Option<OffsetDateTime>, ApiError> {
+pub(super) fn parse_time(field: &'static str, value: Option<&str>) -> Result<Option<OffsetDateTime>, ApiError> {
     value
         .map(|v| OffsetDateTime::parse(v, &Rfc3339).map_err(|_| invalid(field, "expected an RFC 3339 time")))
         .transpose()
 }
 
 /// Cursors are opaque to clients: base64url of a small JSON value.
-fn encode_cursor(value: &impl Serialize) -> String {
+pub(super) fn encode_cursor(value: &impl Serialize) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(value).unwrap_or_default())
 }
 
-fn decode_cursor<T: DeserializeOwned>(cursor: &str) -> Result<T, ApiError> {
+pub(super) fn decode_cursor<T: DeserializeOwned>(cursor: &str) -> Result<T, ApiError> {
     let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| invalid("cursor", "not a cursor from this list"))?;
     serde_json::from_slice(&bytes).map_err(|_| invalid("cursor", "not a cursor from this list"))
 }

@@ -106,6 +106,10 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/v1/me/api-keys", "post"),
         ("/v1/me/api-keys", "get"),
         ("/v1/me/api-keys/{id}", "delete"),
+        ("/v1/admin/stats", "get"),
+        ("/v1/admin/analytics/usage", "get"),
+        ("/v1/admin/usage-logs", "get"),
+        ("/v1/admin/payments", "get"),
     ];
     let mut documented = 0;
     for (path, ops) in paths {
