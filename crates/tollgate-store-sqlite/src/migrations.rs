@@ -21,7 +21,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "usage_reservations", include_str!("../migrations/0005_usage_reservations.sql")),
     (6, "usage_events_unindexed_id", include_str!("../migrations/0006_usage_events_unindexed_id.sql")),
     (7, "credits_billing", include_str!("../migrations/0007_credits_billing.sql")),
-    (9, "api_keys", include_str!("../migrations/0009_api_keys.sql")),
+    (8, "api_keys", include_str!("../migrations/0008_api_keys.sql")),
 ];
 
 #[derive(Debug)]

@@ -10,6 +10,7 @@ mod admin_accounts;
 mod admin_reports;
 mod api_keys;
 mod auth;
+mod authorization;
 mod billing;
 mod credits;
 mod me;
