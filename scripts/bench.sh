@@ -9,6 +9,7 @@
 #      POST /v1/ratelimit/check with the in-memory limiter
 #   3. Tollgate on PostgreSQL (a fresh database, dropped at the end): the same consumes
 #   4. Tollgate with Redis rate limiting: POST /v1/ratelimit/check
+# Step 2 also measures GET /v1/me with an account's API key (verification + user read).
 # Steps 2 and 3 also spend credits (POST /v1/accounts/{id}/credits/spend, one hot
 # account): one transaction per spend, not group committed.
 # Steps 3 and 4 are skipped, saying so, when PostgreSQL or Redis is not reachable.
@@ -68,6 +69,19 @@ grant_credits() { # listen: a balance no run exhausts for bench-0
     -H 'Content-Type: application/json' -d '{"amount":1000000000}'
 }
 
+api_key() { # listen, data dir name: an admin user (set up through its one-time link) and its API key, in TG_API_KEY
+  local link token access
+  link=$(env TOLLGATE_DATA_DIR="$work/$2" "$target/tollgate" admin create --email bench@example.com | grep -o 'token=[^ ]*' | head -1)
+  token=${link#token=}
+  curl -sf -o /dev/null -X POST "http://$1/v1/auth/password/reset" -H 'Content-Type: application/json' \
+    -d "{\"token\":\"$token\",\"password\":\"bench-password-41\"}"
+  access=$(curl -sf -X POST "http://$1/v1/auth/login" -H 'Content-Type: application/json' \
+    -d '{"email":"bench@example.com","password":"bench-password-41"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+  TG_API_KEY=$(curl -sf -X POST "http://$1/v1/me/api-keys" -H "Authorization: Bearer $access" -H 'Content-Type: application/json' \
+    -d '{"name":"bench","scopes":["read"]}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+  export TG_API_KEY
+}
+
 echo "== $(date -u +%F), $(nproc) cores, wrk -t2 -c64 -d${duration}s"
 "$target/examples/hello" 127.0.0.1:18181 & hello_pid=$!
 pids+=("$hello_pid")
@@ -78,6 +92,11 @@ start_tollgate sqlite 127.0.0.1:18182
 run_wrk "SQLite: consume, one hot account" "$tg_pid" http://127.0.0.1:18182/v1/usage/consume bench/consume.lua
 TG_ACCOUNTS=100 run_wrk "SQLite: consume, spread over 100 accounts" "$tg_pid" http://127.0.0.1:18182/v1/usage/consume bench/consume.lua
 run_wrk "rate-limit check (in memory)" "$tg_pid" http://127.0.0.1:18182/v1/ratelimit/check bench/ratelimit.lua
+if api_key 127.0.0.1:18182 sqlite && [ -n "$TG_API_KEY" ]; then
+  run_wrk "SQLite: GET /v1/me with an API key" "$tg_pid" http://127.0.0.1:18182/v1/me bench/api_key.lua
+else
+  echo "-- could not set up an API key: GET /v1/me skipped"
+fi
 grant_credits 127.0.0.1:18182
 run_wrk "SQLite: credits spend, one hot account" "$tg_pid" http://127.0.0.1:18182/ bench/spend.lua
 run_wrk "hello world again (drift check)" "$hello_pid" http://127.0.0.1:18181/
