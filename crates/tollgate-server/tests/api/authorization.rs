@@ -72,9 +72,7 @@ fn denied(r: &Reply) -> bool {
     r.status == StatusCode::UNAUTHORIZED || r.status == StatusCode::FORBIDDEN
 }
 
-#[tokio::test]
-async fn every_route_refuses_who_it_must() {
-    let app = TestApp::new().await;
+async fn every_route_refuses_who_it_must(app: &TestApp) {
     let (user, _) = app.signed_in("ada@example.com").await;
     let (admin, _) = app.signed_in("root@example.com").await;
     let promote = app.service_key(&["admin:*"]).await;
@@ -114,9 +112,9 @@ async fn every_route_refuses_who_it_must() {
         if class == Class::Public {
             continue;
         }
-        let r = call(&app, method, &url, None).await;
+        let r = call(app, method, &url, None).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what} anonymous: {:?}", r.body);
-        let r = call(&app, method, &url, Some("Bearer-garbage")).await;
+        let r = call(app, method, &url, Some("Bearer-garbage")).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what} with a bad token");
         match class {
             Class::Admin => {
@@ -127,10 +125,10 @@ async fn every_route_refuses_who_it_must() {
                     ("api key", &api_key, "api_key_forbidden"),
                     ("unscoped service key", &unscoped, "insufficient_scope"),
                 ] {
-                    let r = call(&app, method, &url, Some(token)).await;
+                    let r = call(app, method, &url, Some(token)).await;
                     assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, code), "{what} as {who}: {:?}", r.body);
                 }
-                let r = call(&app, method, &url, Some(&admin_read)).await;
+                let r = call(app, method, &url, Some(&admin_read)).await;
                 if reads {
                     assert!(!denied(&r), "{what} admin:read: {} {:?}", r.status, r.body);
                 } else {
@@ -140,24 +138,24 @@ async fn every_route_refuses_who_it_must() {
                         "{what} admin:read"
                     );
                 }
-                let r = call(&app, method, &url, Some(&admin)).await;
+                let r = call(app, method, &url, Some(&admin)).await;
                 assert!(!denied(&r), "{what} as an admin user: {} {:?}", r.status, r.body);
                 if !path.ends_with("/impersonate") {
-                    let r = call(&app, method, &url, Some(&promote)).await;
+                    let r = call(app, method, &url, Some(&promote)).await;
                     assert!(!denied(&r), "{what} admin:* key: {} {:?}", r.status, r.body);
                 }
             }
             Class::Me => {
-                let r = call(&app, method, &url, Some(&unscoped)).await;
+                let r = call(app, method, &url, Some(&unscoped)).await;
                 assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what}: a service key is nobody's sign-in");
                 if path == "/v1/auth/logout" {
                     continue; // would end the user's session for the rest of the matrix
                 }
-                let r = call(&app, method, &url, Some(&user)).await;
+                let r = call(app, method, &url, Some(&user)).await;
                 assert!(!denied(&r), "{what} as the user: {} {:?}", r.status, r.body);
                 if *method == Method::GET {
                     for (who, token) in [("impersonation", &impersonation), ("api key", &api_key)] {
-                        let r = call(&app, method, &url, Some(token)).await;
+                        let r = call(app, method, &url, Some(token)).await;
                         assert!(!denied(&r), "{what} read by {who}: {} {:?}", r.status, r.body);
                     }
                 }
@@ -166,13 +164,13 @@ async fn every_route_refuses_who_it_must() {
                 // A user or an unscoped key never reaches another account (random id,
                 // or no account at all): refused, or not found, never a success.
                 for (who, token) in [("user", &user), ("api key", &api_key), ("unscoped service key", &unscoped)] {
-                    let r = call(&app, method, &url, Some(token)).await;
+                    let r = call(app, method, &url, Some(token)).await;
                     if path == "/v1/ratelimit/check" && who == "unscoped service key" {
                         continue; // the scope it has
                     }
                     assert!(!r.status.is_success(), "{what} as {who}: {} {:?}", r.status, r.body);
                 }
-                let r = call(&app, method, &url, Some(&promote)).await;
+                let r = call(app, method, &url, Some(&promote)).await;
                 assert!(!denied(&r), "{what} admin:* key: {} {:?}", r.status, r.body);
             }
             Class::Public => unreachable!(),
@@ -180,5 +178,20 @@ async fn every_route_refuses_who_it_must() {
         checked += 1;
     }
     assert!(checked > 60, "{checked} routes checked");
+}
+
+#[tokio::test]
+async fn every_route_refuses_who_it_must_on_sqlite() {
+    let app = TestApp::new().await;
+    every_route_refuses_who_it_must(&app).await;
     app.stop().await;
+}
+
+#[tokio::test]
+async fn every_route_refuses_who_it_must_on_postgres() {
+    let Some(database) = tollgate_store_postgres::testing::TestDatabase::create().await else { return };
+    let app = TestApp::builder().database_url(database.url.clone()).start().await;
+    every_route_refuses_who_it_must(&app).await;
+    app.stop().await;
+    database.drop().await;
 }
