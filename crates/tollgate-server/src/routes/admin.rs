@@ -54,6 +54,22 @@ pub(super) fn decode_cursor<T: DeserializeOwned>(cursor: &str) -> Result<T, ApiE
     serde_json::from_slice(&bytes).map_err(|_| invalid("cursor", "not a cursor from this list"))
 }
 
+/// A keyset position in a newest-first list (audit log, usage log, payments): the
+/// last row's time in microseconds and its id.
+#[derive(Serialize, Deserialize)]
+pub(super) struct TimeCursor<I> {
+    pub t: i64,
+    pub id: I,
+}
+
+pub(super) fn time_cursor<I: DeserializeOwned>(cursor: Option<&str>) -> Result<Option<(OffsetDateTime, I)>, ApiError> {
+    let Some(c) = cursor else { return Ok(None) };
+    let cursor: TimeCursor<I> = decode_cursor(c)?;
+    let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(cursor.t) * 1000)
+        .map_err(|_| invalid("cursor", "not a cursor from this list"))?;
+    Ok(Some((at, cursor.id)))
+}
+
 /// A user list's cursor remembers its sort, so it cannot be replayed on another order.
 #[derive(Serialize, Deserialize)]
 struct UsersCursor {
@@ -564,13 +580,6 @@ pub struct AuditParams {
     pub cursor: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct AuditCursor {
-    /// Microseconds since the epoch.
-    t: i64,
-    id: AuditEventId,
-}
-
 #[derive(Serialize, ToSchema)]
 pub struct AuditPage {
     pub events: Vec<AuditEventView>,
@@ -603,15 +612,7 @@ fn audit_query(params: AuditParams) -> Result<AuditQuery, ApiError> {
         None => None,
         Some(s) => Some(Severity::parse(s).ok_or_else(|| invalid("severity", "info, warning or critical"))?),
     };
-    let before = match params.cursor.as_deref() {
-        None => None,
-        Some(c) => {
-            let cursor: AuditCursor = decode_cursor(c)?;
-            let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(cursor.t) * 1000)
-                .map_err(|_| invalid("cursor", "not a cursor from this list"))?;
-            Some((at, cursor.id))
-        }
-    };
+    let before = time_cursor::<AuditEventId>(params.cursor.as_deref())?;
     Ok(AuditQuery {
         actor,
         action: params.action,
@@ -643,7 +644,7 @@ pub async fn audit_log(
         .then(|| {
             events
                 .last()
-                .map(|e| encode_cursor(&AuditCursor { t: tollgate_core::admin::micros(e.created_at), id: e.id }))
+                .map(|e| encode_cursor(&TimeCursor { t: tollgate_core::admin::micros(e.created_at), id: e.id }))
         })
         .flatten();
     Ok(Json(AuditPage { events: events.into_iter().map(AuditEventView::from).collect(), next_cursor }))

@@ -20,7 +20,7 @@ use tollgate_core::reports::{
 use utoipa::{IntoParams, ToSchema};
 
 use super::accounts::resolve_account;
-use super::admin::{decode_cursor, encode_cursor, invalid, parse_time};
+use super::admin::{TimeCursor, encode_cursor, invalid, parse_time, time_cursor};
 use super::views::ErrorResponse;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Admin, ApiQuery};
@@ -178,21 +178,6 @@ pub async fn usage_analytics(
         .map(|m| MeterSeries { points: reports::series(&rows, &m, from, to, interval), meter: m })
         .collect();
     Ok(Json(UsageAnalytics { from: from_s, to: to_s, interval, series }))
-}
-
-/// A keyset position in a newest-first list: microseconds and id of the last row shown.
-#[derive(Serialize, Deserialize)]
-struct TimeCursor<I> {
-    t: i64,
-    id: I,
-}
-
-fn time_cursor<I: serde::de::DeserializeOwned>(cursor: Option<&str>) -> Result<Option<(OffsetDateTime, I)>, ApiError> {
-    let Some(c) = cursor else { return Ok(None) };
-    let cursor: TimeCursor<I> = decode_cursor(c)?;
-    let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(cursor.t) * 1000)
-        .map_err(|_| invalid("cursor", "not a cursor from this list"))?;
-    Ok(Some((at, cursor.id)))
 }
 
 /// An account filter: an id or `ext:<external id>` that must exist.
