@@ -1,7 +1,7 @@
 //! Verifying an account's API key (`Authorization: Bearer tg_live_...`) on the hot
 //! path: digest, then a short-lived cache in front of the store, so a busy key costs
 //! one SHA-256 and one map lookup. A revocation through this node drops the entry at
-//! once; on other nodes it takes effect within [`CACHE_TTL`]. Whether the key's user
+//! once; on other nodes it takes effect within [`crate::digest_cache::TTL`]. Whether the key's user
 //! is still active is read on every request (see `CurrentUser`), so a suspension is
 //! immediate everywhere. `last_used_at` is written at most once a minute per key.
 
@@ -14,61 +14,47 @@ use tollgate_core::Store;
 use tollgate_core::api_keys::{self, ApiKey};
 use tollgate_core::ids::ApiKeyId;
 
+use crate::digest_cache::DigestCache;
 use crate::error::ApiError;
 
-/// How long a looked-up key (or its absence) is remembered.
-const CACHE_TTL: Duration = Duration::from_secs(30);
-const CACHE_MAX: usize = 10_000;
+/// Keys whose last write is remembered before the map is trimmed.
+const TOUCHED_MAX: usize = 10_000;
 /// How stale `last_used_at` may get.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub struct ApiKeyCache {
-    /// Digest → (when looked up, the key if any).
-    entries: Mutex<HashMap<String, (Instant, Option<ApiKey>)>>,
+    entries: DigestCache<ApiKey>,
     /// Key → when this node last wrote its `last_used_at`.
     touched: Mutex<HashMap<ApiKeyId, Instant>>,
-}
-
-fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ApiKeyCache {
     /// The key whose secret this is (revoked and expired ones too: callers check).
     pub async fn lookup(&self, store: &Arc<dyn Store>, secret: &str) -> Result<Option<ApiKey>, ApiError> {
         let digest = api_keys::digest(secret);
-        if let Some((at, key)) = locked(&self.entries).get(&digest.0)
-            && at.elapsed() < CACHE_TTL
-        {
-            return Ok(key.clone());
+        if let Some(key) = self.entries.get(&digest.0) {
+            return Ok(key);
         }
         let key = store.api_key_by_digest(&digest).await?;
-        let mut entries = locked(&self.entries);
-        if entries.len() >= CACHE_MAX {
-            entries.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
-            if entries.len() >= CACHE_MAX {
-                entries.clear();
-            }
-        }
-        entries.insert(digest.0, (Instant::now(), key.clone()));
+        self.entries.insert(digest.0, key.clone());
         Ok(key)
     }
 
     /// Forgets a revoked key, so this node refuses it from the next request on.
     pub fn forget(&self, id: ApiKeyId) {
-        locked(&self.entries).retain(|_, (_, key)| key.as_ref().is_none_or(|k| k.id != id));
+        self.entries.retain(|key| key.id != id);
     }
 
     /// Records a use: a background write when this node has not written one for the
     /// key in the last minute, nothing otherwise.
     pub fn used(&self, store: &Arc<dyn Store>, id: ApiKeyId) {
         {
-            let mut touched = locked(&self.touched);
+            let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
             if touched.get(&id).is_some_and(|at| at.elapsed() < TOUCH_EVERY) {
                 return;
             }
-            if touched.len() >= CACHE_MAX {
+            if touched.len() >= TOUCHED_MAX {
                 touched.retain(|_, at| at.elapsed() < TOUCH_EVERY);
             }
             touched.insert(id, Instant::now());

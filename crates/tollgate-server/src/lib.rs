@@ -8,6 +8,7 @@ pub mod app;
 pub mod billing;
 pub mod catalog;
 pub mod config;
+pub mod digest_cache;
 pub mod error;
 pub mod extract;
 pub mod impersonation;

@@ -3,9 +3,7 @@
 //! Verified keys are cached for a short time so the hot path does not read the
 //! database on every call; a revocation takes effect within that time.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header;
@@ -17,13 +15,11 @@ use tollgate_core::audit::{Actor, AuditEvent, RequestOrigin, Severity};
 use tollgate_core::identity::{SecretToken, TokenDigest};
 use tollgate_core::ids::ServiceKeyId;
 
+use crate::digest_cache::DigestCache;
 use crate::error::ApiError;
 use crate::state::AppState;
 
 pub const PREFIX: &str = "tg_sk_";
-/// How long a verified (or unknown) key is remembered.
-const CACHE_TTL: Duration = Duration::from_secs(30);
-const CACHE_MAX: usize = 10_000;
 
 /// Creates a key; returns the secret, shown once.
 pub async fn create(store: &Arc<dyn Store>, name: &str, scopes: Vec<Scope>) -> Result<(ServiceKey, String), ApiError> {
@@ -46,29 +42,18 @@ pub async fn create(store: &Arc<dyn Store>, name: &str, scopes: Vec<Scope>) -> R
     Ok((key, secret))
 }
 
-/// Digest → key (or absence), with when it was looked up.
+/// Digest → key (or absence), for [`crate::digest_cache::TTL`].
 #[derive(Default)]
-pub struct KeyCache {
-    entries: Mutex<HashMap<String, (Instant, Option<ServiceKey>)>>,
-}
+pub struct KeyCache(DigestCache<ServiceKey>);
 
 impl KeyCache {
     async fn lookup(&self, store: &Arc<dyn Store>, secret: &str) -> Result<Option<ServiceKey>, ApiError> {
         let digest = TokenDigest::of(secret);
-        if let Some((at, key)) = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(&digest.0)
-            && at.elapsed() < CACHE_TTL
-        {
-            return Ok(key.clone());
+        if let Some(key) = self.0.get(&digest.0) {
+            return Ok(key);
         }
         let key = store.service_key_by_digest(&digest).await?;
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= CACHE_MAX {
-            entries.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
-            if entries.len() >= CACHE_MAX {
-                entries.clear();
-            }
-        }
-        entries.insert(digest.0, (Instant::now(), key.clone()));
+        self.0.insert(digest.0, key.clone());
         Ok(key)
     }
 }
