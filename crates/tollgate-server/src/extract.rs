@@ -249,13 +249,14 @@ async fn api_key_user(state: &AppState, method: &Method, secret: &str) -> Result
     if !key.is_live(OffsetDateTime::now_utc()) {
         return Err(ApiError::Unauthenticated);
     }
-    let user = state.store.user_by_account(key.account_id).await?.ok_or(ApiError::Unauthenticated)?;
-    if user.status != UserStatus::Active {
-        return Err(ApiError::Unauthenticated);
-    }
+    // The scope first: a request the key may not make costs no database read.
     let needed = if *method == Method::GET || *method == Method::HEAD { ApiKeyScope::Read } else { ApiKeyScope::Write };
     if !key.allows(needed) {
         return Err(ApiError::MissingScope(needed.as_str()));
+    }
+    let user = state.store.user_by_account(key.account_id).await?.ok_or(ApiError::Unauthenticated)?;
+    if user.status != UserStatus::Active {
+        return Err(ApiError::Unauthenticated);
     }
     state.api_keys.used(&state.store, key.id);
     Ok(CurrentUser { user, via: Credential::ApiKey(key) })
