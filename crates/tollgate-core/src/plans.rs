@@ -86,6 +86,19 @@ pub enum Allowance {
     },
 }
 
+impl Allowance {
+    /// The meter kind this allowance is for.
+    pub fn kind(&self) -> MeterKind {
+        match self {
+            Allowance::Counter { .. } => MeterKind::Counter,
+            Allowance::Gauge { .. } => MeterKind::Gauge,
+            Allowance::Concurrency { .. } => MeterKind::Concurrency,
+            Allowance::Cap { .. } => MeterKind::Cap,
+            Allowance::Flag { .. } => MeterKind::Flag,
+        }
+    }
+}
+
 /// A price in integer minor units (cents; XOF has none).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -419,7 +432,8 @@ fn limit_number(n: Option<LimitNumber>) -> Result<Option<i64>, String> {
     }
 }
 
-fn allowance(kind: MeterKind, spec: LimitSpec) -> Result<Allowance, String> {
+/// A limit as written (in a plans file, or an admin's override) for a meter of `kind`.
+pub fn allowance(kind: MeterKind, spec: LimitSpec) -> Result<Allowance, String> {
     let max = |spec: LimitSpec| -> Result<Option<i64>, String> {
         match spec {
             LimitSpec::Number(n) if n >= 0 => Ok(Some(n)),

@@ -18,6 +18,7 @@ use crate::identity::{
     TokenDigest, TokenEffect, TokenPurpose, User,
 };
 use crate::ids::{AccountId, ApiKeyId, EmailId, LeaseId, ReservationId, SessionId, UserId};
+use crate::metering::overrides::LimitOverrides;
 use crate::metering::{CounterReset, LeaseDecision, LeaseRequest, Reservation, UsageDecision, UsageRequest};
 use crate::plans::Catalog;
 use crate::reports::{AdminStats, PaymentQuery, StatsQuery, UsageLogEntry, UsageLogQuery};
@@ -356,6 +357,21 @@ pub trait Store: BillingStore + Send + Sync + 'static {
     /// consumes of the same meters (no consume decided on the old counts lands after
     /// it). Returns how many rows existed and were deleted.
     async fn reset_counters(&self, reset: CounterReset) -> Result<u64, StoreError>;
+
+    /// Replaces an account's limit overrides (`None`: removes them) and writes the
+    /// audit event, in one transaction. `NotFound` when the account does not exist.
+    async fn set_limit_overrides(
+        &self,
+        account: AccountId,
+        overrides: Option<LimitOverrides>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    /// An account's limit overrides as last set, expired or not.
+    async fn limit_overrides(&self, account: AccountId) -> Result<Option<LimitOverrides>, StoreError>;
+
+    /// Every account's overrides still in force at `now` (each node keeps them all).
+    async fn limit_overrides_in_force(&self, now: Timestamp) -> Result<Vec<LimitOverrides>, StoreError>;
 
     /// The sum of the counter rows `keys` of one meter (0 for missing rows), in order.
     async fn counter_values(

@@ -131,6 +131,7 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(admin_accounts::adjust_credits))
         .routes(routes!(admin_accounts::reset_quotas))
         .routes(routes!(admin_accounts::put_subscription))
+        .routes(routes!(admin_accounts::get_limits, admin_accounts::put_limits))
         .routes(routes!(admin_system::health))
         .routes(routes!(admin_system::cleanup))
         .routes(routes!(admin_reports::stats))

@@ -93,8 +93,10 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         }
         None => Limiter::in_memory(),
     };
+    let quotas = Quotas::new(store.clone());
+    quotas.reload_overrides().await.context("loading the accounts' limit overrides")?;
     Ok(AppState::new(Shared {
-        quotas: Quotas::new(store.clone()),
+        quotas,
         store,
         identity,
         tokens: Arc::new(tokens),
@@ -157,6 +159,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mailer_task = tokio::spawn(mailer.run(Duration::from_millis(500), shutdown.subscribe()));
     let key_watch = tokio::spawn(watch_signing_keys(state.tokens.clone(), shutdown.subscribe()));
     let sweeper = tokio::spawn(expire_reservations(state.quotas.clone(), shutdown.subscribe()));
+    let overrides = tokio::spawn(reload_overrides(state.quotas.clone(), shutdown.subscribe()));
 
     let app = crate::app::router(state.clone());
     let handle = tokio::spawn(async move {
@@ -169,6 +172,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let _ = mailer_task.await;
         let _ = key_watch.await;
         let _ = sweeper.await;
+        let _ = overrides.await;
         Ok(())
     });
     Ok(Running { addr, state, shutdown, handle })
@@ -185,6 +189,19 @@ async fn expire_reservations(quotas: Quotas, mut shutdown: watch::Receiver<bool>
             Ok(0) => {}
             Ok(n) => tracing::info!(expired = n, "reservations expired"),
             Err(e) => tracing::warn!(error = %e, "could not expire reservations"),
+        }
+    }
+}
+
+/// Picks up limit overrides set through other nodes, and drops expired ones.
+async fn reload_overrides(quotas: Quotas, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tollgate_core::metering::overrides::RELOAD_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = quotas.reload_overrides().await {
+            tracing::warn!(error = %e, "could not reload limit overrides");
         }
     }
 }

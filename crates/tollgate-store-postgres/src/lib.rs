@@ -13,6 +13,7 @@
 mod admin;
 mod api_keys;
 mod billing;
+mod limit_overrides;
 mod migrations;
 mod read_cache;
 mod reports;
@@ -323,7 +324,7 @@ mod conformance {
     async fn first_migration_reports_what_it_applied() {
         let Some(database) = TestDatabase::create_empty().await else { return };
         let store = PgStore::connect(&database.url).await.unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
         store.close().await;
         database.drop().await;
     }

@@ -9,6 +9,7 @@ mod admin;
 mod api_keys;
 mod billing;
 mod checkpointer;
+mod limit_overrides;
 mod migrations;
 mod read_cache;
 mod reports;
@@ -186,7 +187,7 @@ mod conformance {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let store = SqliteStore::connect(&url).await.unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
         assert!(store.migrate().await.unwrap().is_empty());
     }
 }

@@ -1029,6 +1029,29 @@ impl Store for SqliteStore {
         usage::usage_daily(self, account, meter, from, to).await
     }
 
+    async fn set_limit_overrides(
+        &self,
+        account: AccountId,
+        overrides: Option<tollgate_core::metering::overrides::LimitOverrides>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        crate::limit_overrides::set(self, account, overrides, audit).await
+    }
+
+    async fn limit_overrides(
+        &self,
+        account: AccountId,
+    ) -> Result<Option<tollgate_core::metering::overrides::LimitOverrides>, StoreError> {
+        crate::limit_overrides::of_account(self, account).await
+    }
+
+    async fn limit_overrides_in_force(
+        &self,
+        now: Timestamp,
+    ) -> Result<Vec<tollgate_core::metering::overrides::LimitOverrides>, StoreError> {
+        crate::limit_overrides::in_force(self, now).await
+    }
+
     async fn reset_counters(&self, reset: tollgate_core::metering::CounterReset) -> Result<u64, StoreError> {
         self.usage.reset(reset).await
     }

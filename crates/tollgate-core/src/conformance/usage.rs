@@ -837,3 +837,60 @@ pub async fn api_keys_are_found_listed_revoked_and_limited(store: Arc<dyn Store>
         .unwrap();
     assert_eq!(events.len(), MAX_PER_ACCOUNT + 1, "the refused key left no event");
 }
+
+pub async fn limit_overrides_replace_expire_and_audit(store: Arc<dyn Store>) {
+    use crate::metering::overrides::LimitOverrides;
+    let now = t0();
+    let account = external(&store, "cus_overrides").await;
+    let other = external(&store, "cus_overrides_other").await;
+    let set = |account: AccountId, limits: Vec<(&str, Allowance)>, expires_at: Option<Timestamp>| LimitOverrides {
+        account_id: account,
+        limits: limits.into_iter().map(|(k, a)| (k.to_owned(), a)).collect(),
+        reason: "pilot customer".into(),
+        expires_at,
+        set_by: "system:".into(),
+        updated_at: now,
+    };
+    assert_eq!(store.limit_overrides(account).await.unwrap(), None);
+    let first = set(
+        account,
+        vec![
+            ("messages", Allowance::Counter { windows: vec![WindowLimit { window: Window::Day, limit: Some(50) }] }),
+            ("gpu", Allowance::Flag { enabled: true }),
+        ],
+        None,
+    );
+    store.set_limit_overrides(account, Some(first.clone()), audit("admin.limits.set", now)).await.unwrap();
+    assert_eq!(store.limit_overrides(account).await.unwrap(), Some(first.clone()));
+
+    // A second set replaces the first whole.
+    let second = set(account, vec![("storage", Allowance::Gauge { max: None })], Some(now + Duration::hours(1)));
+    store.set_limit_overrides(account, Some(second.clone()), audit("admin.limits.set", now)).await.unwrap();
+    assert_eq!(store.limit_overrides(account).await.unwrap(), Some(second.clone()));
+
+    // In force: not expired; an expired set stays readable for the admin.
+    let expired = set(other, vec![("gpu", Allowance::Flag { enabled: false })], Some(now - Duration::seconds(1)));
+    store.set_limit_overrides(other, Some(expired.clone()), audit("admin.limits.set", now)).await.unwrap();
+    assert_eq!(store.limit_overrides_in_force(now).await.unwrap(), vec![second.clone()]);
+    assert_eq!(store.limit_overrides(other).await.unwrap(), Some(expired));
+    assert!(store.limit_overrides_in_force(now + Duration::hours(2)).await.unwrap().is_empty());
+
+    // Clearing removes the row; an unknown account is not found and writes nothing.
+    store.set_limit_overrides(account, None, audit("admin.limits.cleared", now)).await.unwrap();
+    assert_eq!(store.limit_overrides(account).await.unwrap(), None);
+    let missing = AccountId::new();
+    let err =
+        store.set_limit_overrides(missing, Some(set(missing, vec![], None)), audit("admin.limits.set", now)).await;
+    assert!(matches!(err, Err(StoreError::NotFound)), "{err:?}");
+    let count = |action: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .list_audit(AuditQuery { action: Some(action.into()), limit: 10, ..Default::default() })
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!((count("admin.limits.set").await, count("admin.limits.cleared").await), (3, 1));
+}

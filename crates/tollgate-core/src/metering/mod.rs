@@ -4,6 +4,7 @@
 //! answer (remaining, warning at 80%, which plans would allow it).
 //! Window arithmetic is pure and lives in [`window`].
 
+pub mod overrides;
 pub mod quotas;
 pub mod window;
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::overrides::{LimitOverrides, OverrideBook};
 use super::window::Window;
 use super::{
     EventContext, Idempotency, LeaseDecision, LeaseRequest, ReservationAction, ReservationStatus, UsageDecision,
@@ -13,7 +14,7 @@ use super::{
 use crate::accounts::Account;
 use crate::entitlements::{billing_anchor, effective_plan};
 use crate::ids::{AccountId, LeaseId, ReservationId};
-use crate::plans::{Allowance, Catalog, Meter, MeterKind};
+use crate::plans::{Allowance, Catalog, Meter, MeterKind, Plan};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +90,10 @@ pub struct MeterEntitlement {
     /// Flags.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
+    /// An admin's override for this account replaces the plan's allowance (until
+    /// `limit_overrides.expires_at`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub overridden: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -103,6 +108,27 @@ pub struct Entitlements {
     pub can_consume: bool,
     /// Some counter is exhausted in some window: only an upgrade (or waiting) helps.
     pub needs_upgrade: bool,
+    /// The account's limit overrides in force, if any (`overridden` marks the meters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_overrides: Option<LimitOverrides>,
+}
+
+/// What applies to an account now: its plan and any overrides in force.
+struct Terms<'c> {
+    plan: &'c Plan,
+    overrides: Option<Arc<LimitOverrides>>,
+    now: time::OffsetDateTime,
+}
+
+impl Terms<'_> {
+    /// The allowance in force for a meter (the override's, else the plan's) and
+    /// whether it is an override.
+    fn allowance(&self, key: &str, meter: &Meter) -> (Option<&Allowance>, bool) {
+        match self.overrides.as_deref().and_then(|o| o.allowance(key, meter.kind, self.now)) {
+            Some(a) => (Some(a), true),
+            None => (self.plan.allowances.get(key), false),
+        }
+    }
 }
 
 /// The single window of a gauge (its level), or of a counter the plan omits.
@@ -129,11 +155,45 @@ fn allowing(catalog: &Catalog, meter: &str, test: impl Fn(&Allowance) -> bool) -
 #[derive(Clone)]
 pub struct Quotas {
     store: Arc<dyn Store>,
+    overrides: OverrideBook,
 }
 
 impl Quotas {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self { store, overrides: OverrideBook::default() }
+    }
+
+    /// Reloads every account's overrides in force (at start, then every
+    /// [`super::overrides::RELOAD_EVERY`]).
+    pub async fn reload_overrides(&self) -> Result<(), QuotaError> {
+        let all = self.store.limit_overrides_in_force(time::OffsetDateTime::now_utc()).await?;
+        self.overrides.replace(all);
+        Ok(())
+    }
+
+    /// Sets (or, with no limits, clears) an account's overrides with their audit
+    /// event, and applies them on this node at once.
+    pub async fn set_overrides(
+        &self,
+        account: AccountId,
+        overrides: Option<LimitOverrides>,
+        audit: crate::audit::AuditEvent,
+    ) -> Result<(), QuotaError> {
+        self.store.set_limit_overrides(account, overrides.clone(), audit).await?;
+        let now = time::OffsetDateTime::now_utc();
+        self.overrides.put(account, overrides.filter(|o| o.in_force(now)));
+        Ok(())
+    }
+
+    async fn terms<'c>(
+        &self,
+        catalog: &'c Catalog,
+        account: AccountId,
+    ) -> Result<(Option<crate::accounts::Subscription>, Terms<'c>), QuotaError> {
+        let subscription = self.store.subscription(account).await?;
+        let now = time::OffsetDateTime::now_utc();
+        let plan = effective_plan(catalog, subscription.as_ref(), now);
+        Ok((subscription, Terms { plan, overrides: self.overrides.get(account), now }))
     }
 
     /// Checks (dry run) or consumes `amount` of a meter, atomically across all its
@@ -149,10 +209,9 @@ impl Quotas {
             return Err(QuotaError::InvalidAmount);
         }
         let meter = catalog.meters.get(&input.meter).ok_or_else(|| QuotaError::UnknownMeter(input.meter.clone()))?;
-        let subscription = self.store.subscription(account.id).await?;
-        let now = time::OffsetDateTime::now_utc();
-        let plan = effective_plan(catalog, subscription.as_ref(), now);
-        let allowance = plan.allowances.get(&input.meter);
+        let (subscription, terms) = self.terms(catalog, account.id).await?;
+        let (plan, now) = (terms.plan, terms.now);
+        let (allowance, _) = terms.allowance(&input.meter, meter);
         let windows = match (meter.kind, input.op) {
             // A plan that does not list a counter allows none of it.
             (MeterKind::Counter, UsageOp::Consume | UsageOp::Refund) => {
@@ -218,10 +277,9 @@ impl Quotas {
         if meter.kind != MeterKind::Concurrency {
             return Err(QuotaError::UnsupportedKind(meter.kind, UsageOp::Consume));
         }
-        let subscription = self.store.subscription(account).await?;
-        let now = time::OffsetDateTime::now_utc();
-        let plan = effective_plan(catalog, subscription.as_ref(), now);
-        let max = match plan.allowances.get(meter_key) {
+        let (_, terms) = self.terms(catalog, account).await?;
+        let (plan, now) = (terms.plan, terms.now);
+        let max = match terms.allowance(meter_key, meter).0 {
             Some(Allowance::Concurrency { max }) => *max,
             _ => Some(0),
         };
@@ -374,9 +432,8 @@ impl Quotas {
         {
             return Err(QuotaError::UnknownMeter(m.to_owned()));
         }
-        let subscription = self.store.subscription(account.id).await?;
-        let now = time::OffsetDateTime::now_utc();
-        let plan = effective_plan(catalog, subscription.as_ref(), now);
+        let (subscription, terms) = self.terms(catalog, account.id).await?;
+        let now = terms.now;
         let anchor = billing_anchor(subscription.as_ref());
         let mut targets = Vec::new();
         for (key, m) in &catalog.meters {
@@ -384,7 +441,7 @@ impl Quotas {
                 continue;
             }
             let checks = match m.kind {
-                MeterKind::Counter => counter_checks(plan.allowances.get(key), now, anchor).unwrap_or_default(),
+                MeterKind::Counter => counter_checks(terms.allowance(key, m).0, now, anchor).unwrap_or_default(),
                 MeterKind::Gauge => vec![gauge_window(None)],
                 _ => continue,
             };
@@ -405,16 +462,21 @@ impl Quotas {
 
     /// The account's plan, features and every meter's allowance with current usage.
     pub async fn entitlements(&self, catalog: &Catalog, account: Account) -> Result<Entitlements, QuotaError> {
-        let subscription = self.store.subscription(account.id).await?;
-        let now = time::OffsetDateTime::now_utc();
-        let plan = effective_plan(catalog, subscription.as_ref(), now);
+        let (subscription, terms) = self.terms(catalog, account.id).await?;
+        let (plan, now) = (terms.plan, terms.now);
         let anchor = billing_anchor(subscription.as_ref());
         let mut meters = Vec::new();
         let (mut can_consume, mut needs_upgrade) = (true, false);
         for (key, meter) in &catalog.meters {
-            let allowance = plan.allowances.get(key);
-            let mut entry =
-                MeterEntitlement { meter: key.clone(), kind: meter.kind, windows: None, max: None, enabled: None };
+            let (allowance, overridden) = terms.allowance(key, meter);
+            let mut entry = MeterEntitlement {
+                meter: key.clone(),
+                kind: meter.kind,
+                windows: None,
+                max: None,
+                enabled: None,
+                overridden,
+            };
             match (meter.kind, allowance) {
                 (MeterKind::Counter, _) => {
                     let checks = counter_checks(allowance, now, anchor).unwrap_or_default();
@@ -457,6 +519,7 @@ impl Quotas {
             meters,
             can_consume,
             needs_upgrade,
+            limit_overrides: terms.overrides.as_deref().filter(|o| o.in_force(now)).cloned(),
         })
     }
 }

@@ -1,5 +1,5 @@
 //! `/v1/admin/accounts/{id}/*`: an admin's changes to one account — credits adjusted
-//! either way, quota windows started over, the subscription set. `{id}` is an account
+//! either way, quota windows started over, limits overridden, the subscription set. `{id}` is an account
 //! id or `ext:<external id>`. Each change writes one audit event naming the admin, in
 //! the change's own transaction.
 
@@ -14,8 +14,10 @@ use tollgate_core::audit::{AuditEvent, RequestOrigin, Severity};
 use tollgate_core::credits::{CreditKind, CreditReceipt, CreditTransfer, MAX_CREDIT_AMOUNT};
 use tollgate_core::identity::flows::FieldError;
 use tollgate_core::metering::CounterReset;
+use tollgate_core::metering::overrides::LimitOverrides;
 use tollgate_core::metering::quotas::Entitlements;
 use tollgate_core::metering::window::Window;
+use tollgate_core::plans::LimitSpec;
 use utoipa::ToSchema;
 
 use super::accounts::{SubscribeBody, resolve_account, subscribe};
@@ -195,4 +197,145 @@ pub async fn put_subscription(
     };
     subscribe(&state, &account, body, audit).await?;
     Ok(Json(state.quotas.entitlements(&state.catalog.get(), account).await?))
+}
+
+/// Most meters one override set may name.
+const MAX_OVERRIDES: usize = 100;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsBody {
+    /// Meter key → limit, written as in a plans file: a number, `"unlimited"`, `true`
+    /// / `false` for flags, or for counters `[{ "window": "day", "limit": 50 }, ...]`.
+    /// It replaces the plan's allowance for that meter whatever the plan. The set
+    /// replaces the previous one whole; `{}` removes all overrides.
+    #[schema(value_type = Object)]
+    pub limits: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Why, for the audit log (1 to 500 characters).
+    pub reason: String,
+    /// When the plan's allowances apply again (RFC 3339, in the future); absent: until changed.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AccountLimits {
+    /// The overrides as last set (`null`: none), expired or not.
+    #[schema(value_type = Object)]
+    pub overrides: Option<LimitOverrides>,
+    /// Whether they apply now (set and not expired).
+    pub in_force: bool,
+    /// The account's entitlements with the overrides applied.
+    #[schema(value_type = Object)]
+    pub entitlements: Entitlements,
+}
+
+async fn account_limits(
+    state: &AppState,
+    account: Account,
+    overrides: Option<LimitOverrides>,
+) -> ApiResult<Json<AccountLimits>> {
+    let in_force = overrides.as_ref().is_some_and(|o| o.in_force(OffsetDateTime::now_utc()));
+    let entitlements = state.quotas.entitlements(&state.catalog.get(), account).await?;
+    Ok(Json(AccountLimits { overrides, in_force, entitlements }))
+}
+
+/// The account's limit overrides and its entitlements with them applied.
+#[utoipa::path(get, path = "/v1/admin/accounts/{id}/limits", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Account id or `ext:<external id>`")),
+    responses(
+        (status = 200, description = "The overrides (or none) and the entitlements", body = AccountLimits),
+        (status = 404, description = "No such account", body = ErrorResponse),
+    ))]
+pub async fn get_limits(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<AccountLimits>> {
+    let account = resolve_account(&state, &id).await?;
+    let overrides = state.store.limit_overrides(account.id).await?;
+    account_limits(&state, account, overrides).await
+}
+
+/// Sets the account's per-meter limit overrides (replacing any before), with a reason
+/// and an optional expiry. They apply on this node from the answer on, on other nodes
+/// within a second. `{"limits": {}}` removes them.
+#[utoipa::path(put, path = "/v1/admin/accounts/{id}/limits", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Account id or `ext:<external id>`")), request_body = LimitsBody,
+    responses(
+        (status = 200, description = "Set; the overrides and the entitlements now", body = AccountLimits),
+        (status = 404, description = "No such account", body = ErrorResponse),
+        (status = 422, description = "An unknown meter, a limit that does not fit the meter's kind, \
+            a missing reason or an expiry in the past", body = ErrorResponse),
+    ))]
+pub async fn put_limits(
+    State(state): State<AppState>,
+    admin: Admin,
+    Origin(origin): Origin,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<LimitsBody>,
+) -> ApiResult<Json<AccountLimits>> {
+    let now = OffsetDateTime::now_utc();
+    let catalog = state.catalog.get();
+    let mut errors = Vec::new();
+    let reason = body.reason.trim();
+    if reason.is_empty() || reason.chars().count() > MAX_REASON {
+        errors.push(FieldError { field: "reason", code: "invalid", message: format!("1 to {MAX_REASON} characters") });
+    }
+    if body.expires_at.is_some_and(|at| at <= now) {
+        errors.push(FieldError { field: "expires_at", code: "in_the_past", message: "must be in the future".into() });
+    }
+    if body.limits.len() > MAX_OVERRIDES {
+        errors.push(FieldError {
+            field: "limits",
+            code: "too_many",
+            message: format!("at most {MAX_OVERRIDES} meters"),
+        });
+    }
+    let mut limits = std::collections::BTreeMap::new();
+    for (key, value) in body.limits {
+        let Some(meter) = catalog.meters.get(&key) else {
+            errors.push(FieldError {
+                field: "limits",
+                code: "unknown_meter",
+                message: format!("no meter named {key:?}"),
+            });
+            continue;
+        };
+        let parsed = serde_json::from_value::<LimitSpec>(value)
+            .map_err(|_| "not a limit: a number, \"unlimited\", true/false, or a list of windows".to_owned())
+            .and_then(|spec| tollgate_core::plans::allowance(meter.kind, spec));
+        match parsed {
+            Ok(allowance) => {
+                limits.insert(key, allowance);
+            }
+            Err(problem) => {
+                errors.push(FieldError { field: "limits", code: "invalid_limit", message: format!("{key}: {problem}") })
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let account = resolve_account(&state, &id).await?;
+    let previous = state.store.limit_overrides(account.id).await?;
+    let caller = admin.actor();
+    let overrides = (!limits.is_empty()).then(|| LimitOverrides {
+        account_id: account.id,
+        limits,
+        reason: reason.to_owned(),
+        expires_at: body.expires_at,
+        set_by: format!("{}:{}", caller.kind(), caller.id().unwrap_or_default()),
+        updated_at: now,
+    });
+    let action = if overrides.is_some() { "admin.limits.set" } else { "admin.limits.cleared" };
+    let audit = account_event(&admin, action, &origin, &account, now)
+        .severity(Severity::Warning)
+        .meta("account_id", account.id.to_string())
+        .meta("reason", reason)
+        .meta("limits", overrides.as_ref().map(|o| serde_json::to_value(&o.limits).unwrap_or_default()))
+        .meta("expires_at", body.expires_at.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()))
+        .meta("previous", previous.as_ref().map(|o| serde_json::to_value(&o.limits).unwrap_or_default()));
+    state.quotas.set_overrides(account.id, overrides.clone(), audit).await?;
+    account_limits(&state, account, overrides).await
 }

@@ -174,10 +174,86 @@ async fn health_and_cleanup(app: &TestApp, admin: &str, actor: &Value, backend: 
     assert_eq!(events[0]["metadata"]["usage_events_days"], 90);
 }
 
+async fn limit_overrides(app: &TestApp, admin: &str, actor: &Value) {
+    let (account, key) = customer(app, "cus_limits").await;
+    let path = format!("/v1/admin/accounts/{account}/limits");
+    let r = app.get_auth(&path, admin).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!((&r.body["overrides"], &r.body["in_force"]), (&Value::Null, &json!(false)));
+
+    // Free allows 5 messages a day; the override gives 8 (the month stays unlimited).
+    let expires = (time::OffsetDateTime::now_utc() + time::Duration::days(7))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let body = json!({
+        "limits": { "messages": [{ "window": "day", "limit": 8 }], "tokens": "unlimited" },
+        "reason": "pilot customer",
+        "expires_at": expires,
+    });
+    let r = app.request(Method::PUT, &path, Some(admin), Some(body)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["in_force"], true);
+    assert_eq!(r.body["overrides"]["reason"], "pilot customer");
+    assert_eq!(window(&r.body["entitlements"], "messages", "day")["limit"], 8);
+    let messages = r.body["entitlements"]["meters"].as_array().unwrap().iter().find(|m| m["meter"] == "messages");
+    assert_eq!(messages.unwrap()["overridden"], true);
+    for i in 0..8 {
+        assert_eq!(consume(app, &key, &account, "messages", 1).await.status, StatusCode::OK, "message {i}");
+    }
+    let r = consume(app, &key, &account, "messages", 1).await;
+    assert_eq!((r.status, r.code()), (StatusCode::PAYMENT_REQUIRED, "quota_exceeded"), "the override's day is full");
+    assert_eq!(consume(app, &key, &account, "tokens", 10_000_000).await.status, StatusCode::OK, "tokens unlimited");
+    // The account's own view shows the override too.
+    let reader = app.service_key(&["usage:read"]).await;
+    let r = app.get_auth(&format!("/v1/accounts/{account}/entitlements"), &reader).await;
+    assert_eq!(window(&r.body, "messages", "day")["limit"], 8, "{:?}", r.body);
+
+    // Refused, changing nothing: unknown meter, wrong shape for the kind, no reason,
+    // an expiry in the past, a bad id.
+    for bad in [
+        json!({ "limits": { "nope": 1 }, "reason": "x" }),
+        json!({ "limits": { "messages": true }, "reason": "x" }),
+        json!({ "limits": { "messages": -1 }, "reason": "x" }),
+        json!({ "limits": { "messages": 5 } }),
+        json!({ "limits": {}, "reason": " " }),
+        json!({ "limits": {}, "reason": "x", "expires_at": "2001-01-01T00:00:00Z" }),
+    ] {
+        let r = app.request(Method::PUT, &path, Some(admin), Some(bad.clone())).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {:?}", r.body);
+    }
+    let r = app
+        .request(
+            Method::PUT,
+            "/v1/admin/accounts/ext:nobody/limits",
+            Some(admin),
+            Some(json!({ "limits": {}, "reason": "x" })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(app.get_auth(&path, admin).await.body["overrides"]["limits"]["messages"]["kind"], "counter");
+
+    // Cleared: the plan's 5 a day applies again (8 already used).
+    let r = app.request(Method::PUT, &path, Some(admin), Some(json!({ "limits": {}, "reason": "pilot over" }))).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!((&r.body["overrides"], &r.body["in_force"]), (&Value::Null, &json!(false)));
+    assert_eq!(window(&r.body["entitlements"], "messages", "day")["limit"], 5);
+    assert_eq!(consume(app, &key, &account, "messages", 1).await.status, StatusCode::PAYMENT_REQUIRED);
+
+    // One event per change, naming the admin, with what was set and what it replaced.
+    let events = events_about_account(app, admin, &account).await;
+    let set: Vec<&Value> = events.iter().filter(|e| e["action"] == "admin.limits.set").collect();
+    let cleared: Vec<&Value> = events.iter().filter(|e| e["action"] == "admin.limits.cleared").collect();
+    assert_eq!((set.len(), cleared.len()), (1, 1), "{events:?}");
+    assert!(set.iter().chain(&cleared).all(|e| e["actor"] == *actor));
+    assert_eq!(set[0]["metadata"]["reason"], "pilot customer");
+    assert_eq!(cleared[0]["metadata"]["previous"]["messages"]["kind"], "counter");
+}
+
 async fn all(app: &TestApp, backend: &str) {
     let (admin, actor) = admin(app).await;
     credit_adjustments(app, &admin, &actor).await;
     quota_resets(app, &admin, &actor).await;
+    limit_overrides(app, &admin, &actor).await;
     subscriptions_set_by_an_admin(app, &admin, &actor).await;
     health_and_cleanup(app, &admin, &actor, backend).await;
 }
@@ -207,6 +283,7 @@ async fn users_cannot_change_accounts() {
         (Method::POST, format!("/v1/admin/accounts/{account}/credits/adjust"), json!({ "amount": 5, "reason": "x" })),
         (Method::POST, format!("/v1/admin/accounts/{account}/quotas/reset"), json!({})),
         (Method::PUT, format!("/v1/admin/accounts/{account}/subscription"), json!({ "plan": "pro" })),
+        (Method::PUT, format!("/v1/admin/accounts/{account}/limits"), json!({ "limits": {}, "reason": "x" })),
         (Method::POST, "/v1/admin/system/cleanup".to_owned(), json!({})),
     ];
     for (method, path, body) in routes {
@@ -216,4 +293,33 @@ async fn users_cannot_change_accounts() {
         assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"), "{path}");
     }
     app.stop().await;
+}
+
+/// An override set through one node applies on another within its reload (1 s).
+#[tokio::test]
+async fn overrides_reach_other_nodes_on_postgres() {
+    let Some(database) = tollgate_store_postgres::testing::TestDatabase::create().await else { return };
+    let node = || TestApp::builder().example_plans("chatbot.toml").database_url(database.url.clone()).start();
+    let (a, b) = (node().await, node().await);
+    let (admin, _) = admin(&a).await;
+    let (account, _) = customer(&a, "cus_nodes").await;
+    let reader = a.service_key(&["usage:read"]).await;
+    let day_limit = |r: Reply| window(&r.body, "messages", "day")["limit"].clone();
+    let path = format!("/v1/accounts/{account}/entitlements");
+    assert_eq!(day_limit(b.get_auth(&path, &reader).await), 5);
+    let body = json!({ "limits": { "messages": [{ "window": "day", "limit": 9 }] }, "reason": "pilot" });
+    let r = a.request(Method::PUT, &format!("/v1/admin/accounts/{account}/limits"), Some(&admin), Some(body)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let mut seen = json!(5);
+    for _ in 0..50 {
+        seen = day_limit(b.get_auth(&path, &reader).await);
+        if seen == 9 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 9, "the other node never picked the override up");
+    a.stop().await;
+    b.stop().await;
+    database.drop().await;
 }

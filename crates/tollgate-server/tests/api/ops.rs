@@ -101,6 +101,8 @@ async fn openapi_covers_every_route_and_docs_are_served() {
         ("/v1/admin/accounts/{id}/credits/adjust", "post"),
         ("/v1/admin/accounts/{id}/quotas/reset", "post"),
         ("/v1/admin/accounts/{id}/subscription", "put"),
+        ("/v1/admin/accounts/{id}/limits", "get"),
+        ("/v1/admin/accounts/{id}/limits", "put"),
         ("/v1/admin/system/health", "get"),
         ("/v1/admin/system/cleanup", "post"),
         ("/v1/me/api-keys", "post"),
