@@ -133,6 +133,10 @@ pub struct Plan {
     /// How far below zero the credit balance may go (0: never).
     #[serde(default)]
     pub credits_overdraft: i64,
+    /// No longer sold (not listed, not subscribable), still in force for the
+    /// accounts subscribed to it. Kept by the store beside the definition.
+    #[serde(skip)]
+    pub archived: bool,
 }
 
 impl Plan {
@@ -283,6 +287,7 @@ impl Catalog {
             order: 0,
             default: true,
             credits_overdraft: 0,
+            archived: false,
         };
         Self { meters: BTreeMap::new(), plans: [("free".to_owned(), free)].into(), credit_packages: BTreeMap::new() }
     }
@@ -311,71 +316,17 @@ impl Catalog {
             }
         }
         let mut plans = BTreeMap::new();
+        // Counted before validation, so a broken default plan is not also "missing".
+        let defaults = file.plans.values().filter(|p| p.default).count();
         for (key, spec) in file.plans {
-            let at = format!("plans.{key}");
-            if !valid_key(&key) {
-                errors.push(err(&at, "keys use a-z, 0-9, _ and - (at most 64)"));
-            }
-            for price in &spec.prices {
-                if price.amount < 0 {
-                    errors.push(err(&at, "a price cannot be negative"));
+            match plan_from_spec(key.clone(), spec, &file.meters) {
+                Ok(plan) => {
+                    plans.insert(key, plan);
                 }
-                if price.currency.len() != 3 || !price.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-                    errors.push(err(
-                        &at,
-                        format!("currency {:?} is not an ISO 4217 code like EUR or XOF", price.currency),
-                    ));
-                }
-                if !["month", "year", "one_time"].contains(&price.period.as_str()) {
-                    errors.push(err(&at, "price period must be month, year or one_time"));
-                }
+                Err(mut problems) => errors.append(&mut problems),
             }
-            if spec.credits_overdraft < 0 {
-                errors.push(err(&at, "credits_overdraft cannot be negative"));
-            }
-            if !(spec.rate_limit_multiplier.is_finite() && spec.rate_limit_multiplier > 0.0) {
-                errors.push(err(&at, "rate_limit_multiplier must be positive"));
-            }
-            for (scope, limit) in &spec.rate_limits {
-                if limit.requests == 0 || limit.window_seconds == 0 {
-                    errors
-                        .push(err(format!("{at}.rate_limits.{scope}"), "requests and window_seconds must be positive"));
-                }
-            }
-            let mut allowances = BTreeMap::new();
-            for (meter_key, limit) in spec.limits {
-                let at = format!("{at}.limits.{meter_key}");
-                let Some(meter) = file.meters.get(&meter_key) else {
-                    errors.push(err(&at, "no such meter is declared under [meters]"));
-                    continue;
-                };
-                match allowance(meter.kind, limit) {
-                    Ok(a) => {
-                        allowances.insert(meter_key, a);
-                    }
-                    Err(problem) => errors.push(err(&at, problem)),
-                }
-            }
-            plans.insert(
-                key.clone(),
-                Plan {
-                    key,
-                    names: spec.names,
-                    descriptions: spec.descriptions,
-                    prices: spec.prices,
-                    trial_days: spec.trial_days,
-                    features: spec.features,
-                    allowances,
-                    rate_limits: spec.rate_limits,
-                    rate_limit_multiplier: spec.rate_limit_multiplier,
-                    visible: spec.visible,
-                    order: spec.order,
-                    default: spec.default,
-                    credits_overdraft: spec.credits_overdraft,
-                },
-            );
         }
-        match plans.values().filter(|p| p.default).count() {
+        match defaults {
             1 => {}
             0 => errors.push(err("plans", "exactly one plan must have default = true")),
             _ => errors.push(err("plans", "only one plan may have default = true")),
@@ -403,6 +354,11 @@ impl Catalog {
         }
     }
 
+    /// A plan that may be subscribed to or bought: known and not archived.
+    pub fn plan_for_sale(&self, key: &str) -> Option<&Plan> {
+        self.plans.get(key).filter(|p| !p.archived)
+    }
+
     pub fn default_plan(&self) -> &Plan {
         self.plans.values().find(|p| p.default).expect("a validated catalog has a default plan")
     }
@@ -416,9 +372,138 @@ impl Catalog {
 
     /// Visible plans in display order.
     pub fn public_plans(&self) -> Vec<&Plan> {
-        let mut plans: Vec<&Plan> = self.plans.values().filter(|p| p.visible).collect();
+        let mut plans: Vec<&Plan> = self.plans.values().filter(|p| p.visible && !p.archived).collect();
         plans.sort_by(|a, b| a.order.cmp(&b.order).then_with(|| a.key.cmp(&b.key)));
         plans
+    }
+}
+
+/// Validates one plan as written against the declared meters; every problem is
+/// reported with where it is (`plans.<key>...`). Used for the plans file and for
+/// plans created through the admin API.
+pub fn plan_from_spec(key: String, spec: PlanSpec, meters: &BTreeMap<String, Meter>) -> Result<Plan, Vec<PlanError>> {
+    let mut errors = Vec::new();
+    let at = format!("plans.{key}");
+    if !valid_key(&key) {
+        errors.push(err(&at, "keys use a-z, 0-9, _ and - (at most 64)"));
+    }
+    let mut allowances = BTreeMap::new();
+    for (meter_key, limit) in spec.limits {
+        let at = format!("{at}.limits.{meter_key}");
+        let Some(meter) = meters.get(&meter_key) else {
+            errors.push(err(&at, "no such meter is declared under [meters]"));
+            continue;
+        };
+        match allowance(meter.kind, limit) {
+            Ok(a) => {
+                allowances.insert(meter_key, a);
+            }
+            Err(problem) => errors.push(err(&at, problem)),
+        }
+    }
+    let plan = Plan {
+        key,
+        names: spec.names,
+        descriptions: spec.descriptions,
+        prices: spec.prices,
+        trial_days: spec.trial_days,
+        features: spec.features,
+        allowances,
+        rate_limits: spec.rate_limits,
+        rate_limit_multiplier: spec.rate_limit_multiplier,
+        visible: spec.visible,
+        order: spec.order,
+        default: spec.default,
+        credits_overdraft: spec.credits_overdraft,
+        archived: false,
+    };
+    errors.extend(plan.problems());
+    if errors.is_empty() { Ok(plan) } else { Err(errors) }
+}
+
+impl Plan {
+    /// What is wrong with the plan's own settings (prices, overdraft, rate limits);
+    /// its allowances are checked against the meters when they are parsed.
+    pub fn problems(&self) -> Vec<PlanError> {
+        let mut errors = Vec::new();
+        let at = format!("plans.{}", self.key);
+        for price in &self.prices {
+            if price.amount < 0 {
+                errors.push(err(&at, "a price cannot be negative"));
+            }
+            if price.currency.len() != 3 || !price.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+                errors.push(err(&at, format!("currency {:?} is not an ISO 4217 code like EUR or XOF", price.currency)));
+            }
+            if !["month", "year", "one_time"].contains(&price.period.as_str()) {
+                errors.push(err(&at, "price period must be month, year or one_time"));
+            }
+        }
+        if self.credits_overdraft < 0 {
+            errors.push(err(&at, "credits_overdraft cannot be negative"));
+        }
+        if !(self.rate_limit_multiplier.is_finite() && self.rate_limit_multiplier > 0.0) {
+            errors.push(err(&at, "rate_limit_multiplier must be positive"));
+        }
+        for (scope, limit) in &self.rate_limits {
+            if limit.requests == 0 || limit.window_seconds == 0 {
+                errors.push(err(format!("{at}.rate_limits.{scope}"), "requests and window_seconds must be positive"));
+            }
+        }
+        errors
+    }
+}
+
+/// An admin's change to one plan (`PATCH /v1/admin/plans/{key}`): the fields given
+/// replace the plan's; `limits` merges per meter (`null` removes the meter's allowance,
+/// so the plan allows none of it). Which plan is the default is the plans file's call.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanPatch {
+    pub names: Option<BTreeMap<String, String>>,
+    pub descriptions: Option<BTreeMap<String, String>>,
+    pub prices: Option<Vec<Price>>,
+    pub trial_days: Option<u32>,
+    pub features: Option<BTreeMap<String, serde_json::Value>>,
+    pub limits: Option<BTreeMap<String, Option<LimitSpec>>>,
+    pub rate_limits: Option<BTreeMap<String, RateLimit>>,
+    pub rate_limit_multiplier: Option<f64>,
+    pub visible: Option<bool>,
+    pub order: Option<i64>,
+    pub credits_overdraft: Option<i64>,
+    pub archived: Option<bool>,
+}
+
+impl Plan {
+    /// The plan with `patch` applied, validated like a plan in the file.
+    pub fn patched(&self, patch: PlanPatch, meters: &BTreeMap<String, Meter>) -> Result<Plan, Vec<PlanError>> {
+        let mut plan = self.clone();
+        let mut errors = Vec::new();
+        macro_rules! set {
+            ($($field:ident),+) => { $( if let Some(v) = patch.$field { plan.$field = v; } )+ };
+        }
+        set!(names, descriptions, prices, trial_days, features, rate_limits, rate_limit_multiplier, visible, order);
+        set!(credits_overdraft, archived);
+        for (meter_key, limit) in patch.limits.unwrap_or_default() {
+            let at = format!("plans.{}.limits.{meter_key}", self.key);
+            let Some(meter) = meters.get(&meter_key) else {
+                errors.push(err(&at, "no such meter is declared under [meters]"));
+                continue;
+            };
+            match limit.map(|spec| allowance(meter.kind, spec)) {
+                None => {
+                    plan.allowances.remove(&meter_key);
+                }
+                Some(Ok(a)) => {
+                    plan.allowances.insert(meter_key, a);
+                }
+                Some(Err(problem)) => errors.push(err(&at, problem)),
+            }
+        }
+        if plan.archived && plan.default {
+            errors.push(err(format!("plans.{}", self.key), "the default plan cannot be archived"));
+        }
+        errors.extend(plan.problems());
+        if errors.is_empty() { Ok(plan) } else { Err(errors) }
     }
 }
 

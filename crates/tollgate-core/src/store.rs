@@ -20,7 +20,7 @@ use crate::identity::{
 use crate::ids::{AccountId, ApiKeyId, EmailId, LeaseId, ReservationId, SessionId, UserId};
 use crate::metering::overrides::LimitOverrides;
 use crate::metering::{CounterReset, LeaseDecision, LeaseRequest, Reservation, UsageDecision, UsageRequest};
-use crate::plans::Catalog;
+use crate::plans::{Catalog, Plan};
 use crate::reports::{AdminStats, PaymentQuery, StatsQuery, UsageLogEntry, UsageLogQuery};
 
 #[derive(Debug, thiserror::Error)]
@@ -249,6 +249,21 @@ pub trait Store: BillingStore + Send + Sync + 'static {
     /// The meters and active plans last applied (`None` before the first apply).
     async fn stored_catalog(&self) -> Result<Option<Catalog>, StoreError>;
 
+    /// Creates (`create`: `Conflict("plans_key")` if the key exists, archived or not)
+    /// or replaces (`NotFound` if missing) one plan, with its audit event. An archived
+    /// plan keeps its first archiving time.
+    async fn put_plan(&self, plan: &Plan, create: bool, audit: AuditEvent, now: Timestamp) -> Result<(), StoreError>;
+
+    /// Deletes a plan no subscription uses (now or as a scheduled change), else
+    /// archives it; writes the audit event with the outcome in its metadata.
+    async fn remove_plan(&self, key: &str, audit: AuditEvent, now: Timestamp) -> Result<PlanRemoval, StoreError>;
+
+    /// A small named setting Tollgate keeps for itself (e.g. the digest of the plans
+    /// file last applied).
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    async fn put_setting(&self, key: &str, value: &str, now: Timestamp) -> Result<(), StoreError>;
+
     // ---- accounts and service keys ---------------------------------------------
 
     /// Creates an external customer, or returns the existing one with this
@@ -470,6 +485,24 @@ pub struct DailyUsage {
     pub meter: String,
     pub consumed: i64,
     pub denied: i64,
+}
+
+/// What `remove_plan` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanRemoval {
+    Deleted,
+    /// Still in use: no longer sold, still in force for its subscribers.
+    Archived,
+}
+
+impl PlanRemoval {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanRemoval::Deleted => "deleted",
+            PlanRemoval::Archived => "archived",
+        }
+    }
 }
 
 /// What `apply_catalog` did, by key.

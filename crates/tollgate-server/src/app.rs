@@ -18,8 +18,8 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::error::{ApiError, rate_limit_headers};
 use crate::observe::ObserveLayer;
 use crate::routes::{
-    accounts, admin, admin_accounts, admin_reports, admin_system, api_keys, auth, billing, credits, me, mfa, ops,
-    pages, plans, ratelimit, usage,
+    accounts, admin, admin_accounts, admin_plans, admin_reports, admin_system, api_keys, auth, billing, credits, me,
+    mfa, ops, pages, plans, ratelimit, usage,
 };
 use crate::state::AppState;
 
@@ -132,6 +132,8 @@ fn api_routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(admin_accounts::reset_quotas))
         .routes(routes!(admin_accounts::put_subscription))
         .routes(routes!(admin_accounts::get_limits, admin_accounts::put_limits))
+        .routes(routes!(admin_plans::list_plans, admin_plans::create_plan))
+        .routes(routes!(admin_plans::update_plan, admin_plans::remove_plan))
         .routes(routes!(admin_system::health))
         .routes(routes!(admin_system::cleanup))
         .routes(routes!(admin_reports::stats))

@@ -1,19 +1,27 @@
 //! The plans file and the catalog in memory. The file (TOML) is validated whole, then
-//! applied to the database (`tollgate plans apply`, and at every start); the server
-//! keeps the applied catalog in memory for the hot path.
+//! applied to the database (`tollgate plans apply`, and at start when it changed);
+//! the admin API changes single plans in the database. Every node keeps the stored
+//! catalog in memory for the hot path and reloads it when it changes.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
+use sha2::{Digest, Sha256};
 use tollgate_core::Store;
 use tollgate_core::plans::{Catalog, PlanFile};
 use tollgate_core::store::CatalogChanges;
 
 /// Reads and validates a plans file; every problem is listed in the error.
 pub fn load_file(path: &Path) -> anyhow::Result<Catalog> {
+    Ok(read_file(path)?.0)
+}
+
+/// The file's catalog and the digest of its text.
+fn read_file(path: &Path) -> anyhow::Result<(Catalog, String)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading plans file {}", path.display()))?;
-    parse(&text).with_context(|| format!("plans file {}", path.display()))
+    let catalog = parse(&text).with_context(|| format!("plans file {}", path.display()))?;
+    Ok((catalog, hex::encode(Sha256::digest(text.as_bytes()))))
 }
 
 pub fn parse(text: &str) -> anyhow::Result<Catalog> {
@@ -24,25 +32,48 @@ pub fn parse(text: &str) -> anyhow::Result<Catalog> {
     })
 }
 
-/// The catalog to apply at start: the plans file when it exists, else the built-in
-/// free plan (only when nothing was ever applied, so a running deployment's plans are
-/// never replaced by the built-in one because a file went missing).
+/// Where the digest of the plans file last applied is kept.
+const APPLIED_DIGEST: &str = "plans_file_digest";
+
+/// Applies a plans file whole (`tollgate plans apply`, or a changed file at start)
+/// and remembers which file it was.
+pub async fn apply_file(store: &Arc<dyn Store>, path: &Path) -> anyhow::Result<(Catalog, CatalogChanges)> {
+    let (catalog, digest) = read_file(path)?;
+    let now = time::OffsetDateTime::now_utc();
+    let changes = store.apply_catalog(&catalog, now).await?;
+    store.put_setting(APPLIED_DIGEST, &digest, now).await?;
+    Ok((catalog, changes))
+}
+
+/// The catalog to serve at start. The plans file, when it exists, is applied if it
+/// changed since it was last applied; an unchanged file leaves the stored plans as
+/// they are, with the changes made through the admin API (which a changed file
+/// replaces: the file is the source whenever it is edited). Without a file: the
+/// stored plans, else the built-in free plan (so a running deployment's plans are
+/// never replaced by the built-in one because a file went missing). Archived plans
+/// are served too: their subscribers keep them.
 pub async fn at_start(store: &Arc<dyn Store>, path: &Path) -> anyhow::Result<Catalog> {
+    let mut credit_packages = Default::default();
     if path.exists() {
-        let catalog = load_file(path)?;
-        let changes = store.apply_catalog(&catalog, time::OffsetDateTime::now_utc()).await?;
-        log_changes(&changes);
-        return Ok(catalog);
+        let (file, digest) = read_file(path)?;
+        if store.setting(APPLIED_DIGEST).await?.as_deref() == Some(digest.as_str()) {
+            tracing::info!(path = %path.display(), "plans file unchanged since last applied: serving the stored plans");
+        } else {
+            let (_, changes) = apply_file(store, path).await?;
+            log_changes(&changes);
+        }
+        credit_packages = file.credit_packages;
     }
-    match store.stored_catalog().await? {
-        Some(stored) => Ok(stored),
+    let catalog = match store.stored_catalog().await? {
+        Some(stored) => stored,
         None => {
             let builtin = Catalog::builtin();
             store.apply_catalog(&builtin, time::OffsetDateTime::now_utc()).await?;
             tracing::info!(path = %path.display(), "no plans file: using the built-in free plan");
-            Ok(builtin)
+            builtin
         }
-    }
+    };
+    Ok(Catalog { credit_packages, ..catalog })
 }
 
 fn log_changes(changes: &CatalogChanges) {
@@ -93,6 +124,20 @@ impl SharedCatalog {
 
     pub fn replace(&self, catalog: Catalog) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(catalog);
+    }
+
+    /// Serves the stored plans (changed through the admin API here or on another
+    /// node, or by `tollgate plans apply`) if they differ from the ones served; the
+    /// credit packages stay the file's. True when something changed.
+    pub async fn reload(&self, store: &Arc<dyn Store>) -> anyhow::Result<bool> {
+        let Some(stored) = store.stored_catalog().await? else { return Ok(false) };
+        let current = self.get();
+        let next = Catalog { credit_packages: current.credit_packages.clone(), ..stored };
+        if next == *current {
+            return Ok(false);
+        }
+        self.replace(next);
+        Ok(true)
     }
 }
 

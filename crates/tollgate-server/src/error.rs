@@ -72,6 +72,10 @@ pub enum ApiError {
     IdempotencyKeyReused,
     #[error("no plan named {0:?}")]
     UnknownPlan(String),
+    #[error("a plan named {0:?} exists (archived plans count)")]
+    PlanExists(String),
+    #[error("the default plan cannot be removed (the plans file chooses it)")]
+    DefaultPlan,
     #[error("no rate limit scope named {0:?} in the plan")]
     UnknownRateLimitScope(String),
     #[error("no meter named {0:?}")]
@@ -151,6 +155,8 @@ impl ApiError {
             InvalidIdempotencyKey => ("invalid_idempotency_key", StatusCode::BAD_REQUEST),
             IdempotencyKeyReused => ("idempotency_key_reused", StatusCode::UNPROCESSABLE_ENTITY),
             UnknownPlan(_) => ("unknown_plan", StatusCode::UNPROCESSABLE_ENTITY),
+            PlanExists(_) => ("plan_exists", StatusCode::CONFLICT),
+            DefaultPlan => ("default_plan", StatusCode::CONFLICT),
             UnknownMeter(_) => ("unknown_meter", StatusCode::UNPROCESSABLE_ENTITY),
             UnknownRateLimitScope(_) => ("unknown_scope", StatusCode::UNPROCESSABLE_ENTITY),
             UnsupportedMeter(_) => ("unsupported_meter_kind", StatusCode::UNPROCESSABLE_ENTITY),

@@ -162,9 +162,8 @@ async fn main() -> anyhow::Result<()> {
             println!("{} meters, {} plans: valid", catalog.meters.len(), catalog.plans.len());
         }
         Command::Plans { command: PlansCommand::Apply { file } } => {
-            let catalog = tollgate_server::catalog::load_file(&file)?;
             let store = server::open_store(&config.database_url).await?;
-            let changes = store.apply_catalog(&catalog, time::OffsetDateTime::now_utc()).await?;
+            let (_, changes) = tollgate_server::catalog::apply_file(&store, &file).await?;
             print!("{}", tollgate_server::catalog::describe(&changes));
         }
         Command::Keys { command: KeysCommand::Create { name, scopes } } => {

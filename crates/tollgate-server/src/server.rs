@@ -160,6 +160,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let key_watch = tokio::spawn(watch_signing_keys(state.tokens.clone(), shutdown.subscribe()));
     let sweeper = tokio::spawn(expire_reservations(state.quotas.clone(), shutdown.subscribe()));
     let overrides = tokio::spawn(reload_overrides(state.quotas.clone(), shutdown.subscribe()));
+    let plans = tokio::spawn(reload_plans(state.clone(), shutdown.subscribe()));
 
     let app = crate::app::router(state.clone());
     let handle = tokio::spawn(async move {
@@ -173,6 +174,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let _ = key_watch.await;
         let _ = sweeper.await;
         let _ = overrides.await;
+        let _ = plans.await;
         Ok(())
     });
     Ok(Running { addr, state, shutdown, handle })
@@ -202,6 +204,24 @@ async fn reload_overrides(quotas: Quotas, mut shutdown: watch::Receiver<bool>) {
         }
         if let Err(e) = quotas.reload_overrides().await {
             tracing::warn!(error = %e, "could not reload limit overrides");
+        }
+    }
+}
+
+/// How often nodes look for plans changed elsewhere.
+const PLANS_RELOAD_EVERY: Duration = Duration::from_secs(5);
+
+/// Picks up plans changed through another node's admin API or `tollgate plans apply`.
+async fn reload_plans(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PLANS_RELOAD_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+        match state.catalog.reload(&state.store).await {
+            Ok(true) => tracing::info!("plans changed elsewhere: reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not reload plans"),
         }
     }
 }

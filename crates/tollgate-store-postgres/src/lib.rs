@@ -15,6 +15,7 @@ mod api_keys;
 mod billing;
 mod limit_overrides;
 mod migrations;
+mod plans;
 mod read_cache;
 mod reports;
 mod rows;
@@ -324,7 +325,7 @@ mod conformance {
     async fn first_migration_reports_what_it_applied() {
         let Some(database) = TestDatabase::create_empty().await else { return };
         let store = PgStore::connect(&database.url).await.unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         store.close().await;
         database.drop().await;
     }

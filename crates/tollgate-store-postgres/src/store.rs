@@ -1111,6 +1111,33 @@ impl Store for PgStore {
         usage::usage_daily(self, account, meter, from, to).await
     }
 
+    async fn put_plan(
+        &self,
+        plan: &tollgate_core::plans::Plan,
+        create: bool,
+        audit: AuditEvent,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        crate::plans::put(self, plan, create, audit, now).await
+    }
+
+    async fn remove_plan(
+        &self,
+        key: &str,
+        audit: AuditEvent,
+        now: Timestamp,
+    ) -> Result<tollgate_core::store::PlanRemoval, StoreError> {
+        crate::plans::remove(self, key, audit, now).await
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        crate::plans::setting(self, key).await
+    }
+
+    async fn put_setting(&self, key: &str, value: &str, now: Timestamp) -> Result<(), StoreError> {
+        crate::plans::put_setting(self, key, value, now).await
+    }
+
     async fn set_limit_overrides(
         &self,
         account: AccountId,

@@ -157,9 +157,10 @@ pub(crate) async fn apply_catalog(
 
 pub(crate) async fn stored_catalog(store: &PgStore) -> Result<Option<Catalog>, StoreError> {
     // One statement, so one snapshot: never half of a concurrent apply.
-    let rows: Vec<(bool, String, Json<Value>)> = sqlx::query_as(
-        "SELECT TRUE, key, definition FROM meters \
-         UNION ALL SELECT FALSE, key, definition FROM plans WHERE archived_at IS NULL",
+    // Archived plans too: still in force for their subscribers.
+    let rows: Vec<(bool, String, Json<Value>, bool)> = sqlx::query_as(
+        "SELECT TRUE, key, definition, FALSE FROM meters \
+         UNION ALL SELECT FALSE, key, definition, archived_at IS NOT NULL FROM plans",
     )
     .fetch_all(&store.pool)
     .await
@@ -169,11 +170,12 @@ pub(crate) async fn stored_catalog(store: &PgStore) -> Result<Option<Catalog>, S
     }
     let mut catalog =
         Catalog { meters: Default::default(), plans: Default::default(), credit_packages: Default::default() };
-    for (is_meter, key, Json(definition)) in rows {
+    for (is_meter, key, Json(definition), archived) in rows {
         if is_meter {
             catalog.meters.insert(key, serde_json::from_value::<Meter>(definition).map_err(json_err)?);
         } else {
-            catalog.plans.insert(key, serde_json::from_value::<Plan>(definition).map_err(json_err)?);
+            let plan = Plan { archived, ..serde_json::from_value::<Plan>(definition).map_err(json_err)? };
+            catalog.plans.insert(key, plan);
         }
     }
     Ok(Some(catalog))

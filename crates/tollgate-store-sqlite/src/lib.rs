@@ -11,6 +11,7 @@ mod billing;
 mod checkpointer;
 mod limit_overrides;
 mod migrations;
+mod plans;
 mod read_cache;
 mod reports;
 mod rows;
@@ -187,7 +188,7 @@ mod conformance {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let store = SqliteStore::connect(&url).await.unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         assert!(store.migrate().await.unwrap().is_empty());
     }
 }

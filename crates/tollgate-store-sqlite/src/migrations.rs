@@ -23,6 +23,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "credits_billing", include_str!("../migrations/0007_credits_billing.sql")),
     (8, "api_keys", include_str!("../migrations/0008_api_keys.sql")),
     (9, "limit_overrides", include_str!("../migrations/0009_limit_overrides.sql")),
+    (10, "settings", include_str!("../migrations/0010_settings.sql")),
 ];
 
 #[derive(Debug)]

@@ -128,10 +128,9 @@ pub(crate) async fn stored_catalog(store: &SqliteStore) -> Result<Option<Catalog
     let mut tx = store.reader.begin().await.map_err(db_error)?;
     let meters: Vec<(String, String)> =
         sqlx::query_as("SELECT key, definition FROM meters").fetch_all(&mut *tx).await.map_err(db_error)?;
-    let plans: Vec<(String, String)> = sqlx::query_as("SELECT key, definition FROM plans WHERE archived_at IS NULL")
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
+    // Archived plans too: still in force for their subscribers.
+    let plans: Vec<(String, String, Option<i64>)> =
+        sqlx::query_as("SELECT key, definition, archived_at FROM plans").fetch_all(&mut *tx).await.map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
     if meters.is_empty() && plans.is_empty() {
         return Ok(None);
@@ -142,7 +141,10 @@ pub(crate) async fn stored_catalog(store: &SqliteStore) -> Result<Option<Catalog
         .collect::<Result<_, StoreError>>()?;
     let plans = plans
         .into_iter()
-        .map(|(k, d)| Ok((k, serde_json::from_str::<Plan>(&d).map_err(json_err)?)))
+        .map(|(k, d, archived_at)| {
+            let plan = serde_json::from_str::<Plan>(&d).map_err(json_err)?;
+            Ok((k, Plan { archived: archived_at.is_some(), ..plan }))
+        })
         .collect::<Result<_, StoreError>>()?;
     Ok(Some(Catalog { meters, plans, credit_packages: Default::default() }))
 }

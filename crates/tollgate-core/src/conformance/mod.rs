@@ -27,9 +27,9 @@ pub use usage::{
     consume_for_an_unknown_account_is_not_found, consume_is_exact_under_concurrency, external_accounts_are_idempotent,
     idempotent_acquires_take_one_slot, idempotent_consume_replays_and_conflicts,
     leases_hold_slots_until_released_or_expired, limit_overrides_replace_expire_and_audit,
-    quota_resets_start_windows_over, refunds_and_gauge_levels, reservations_are_exact_under_concurrency,
-    reservations_count_until_settled, service_keys_are_found_by_digest, spent_windows_draw_on_credits,
-    subscription_changes_compare_and_set, subscriptions_are_one_per_account,
+    plans_are_created_replaced_and_removed_one_at_a_time, quota_resets_start_windows_over, refunds_and_gauge_levels,
+    reservations_are_exact_under_concurrency, reservations_count_until_settled, service_keys_are_found_by_digest,
+    spent_windows_draw_on_credits, subscription_changes_compare_and_set, subscriptions_are_one_per_account,
 };
 
 use std::sync::Arc;
@@ -74,6 +74,7 @@ macro_rules! conformance_tests {
             leases_hold_slots_until_released_or_expired, reservations_count_until_settled,
             reservations_are_exact_under_concurrency, quota_resets_start_windows_over, cleanup_deletes_only_what_retention_names,
             api_keys_are_found_listed_revoked_and_limited, limit_overrides_replace_expire_and_audit,
+            plans_are_created_replaced_and_removed_one_at_a_time,
             credits_move_by_balanced_transfers, concurrent_spends_never_overdraw, idempotent_spends_count_once,
             ledger_stays_balanced_under_random_sequences, provider_events_apply_once,
             provider_subscriptions_never_move_backwards, provider_customers_link_once, spent_windows_draw_on_credits,

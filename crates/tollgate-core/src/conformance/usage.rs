@@ -112,7 +112,12 @@ pub async fn catalog_apply_is_idempotent_and_archives_plans_in_use(store: Arc<dy
     assert_eq!(changes.updated, vec!["plan free".to_owned()]);
     assert_eq!(changes.archived, vec!["plan pro".to_owned()]);
     assert_eq!(changes.deleted, vec!["plan old".to_owned()]);
-    assert_eq!(store.stored_catalog().await.unwrap().unwrap(), second, "archived plans are not active");
+    // The archived plan is still there for its subscriber, marked, with its definition.
+    let mut archived = plan("pro", false, 100);
+    archived.archived = true;
+    let mut with_archived = second.clone();
+    with_archived.plans.insert("pro".into(), archived);
+    assert_eq!(store.stored_catalog().await.unwrap().unwrap(), with_archived, "archived plans stay, marked");
     // Declaring it again brings it back.
     let third = catalog(vec![plan("free", true, 10), plan("pro", false, 100)]);
     let changes = store.apply_catalog(&third, now).await.unwrap();
@@ -893,4 +898,79 @@ pub async fn limit_overrides_replace_expire_and_audit(store: Arc<dyn Store>) {
         }
     };
     assert_eq!((count("admin.limits.set").await, count("admin.limits.cleared").await), (3, 1));
+}
+
+pub async fn plans_are_created_replaced_and_removed_one_at_a_time(store: Arc<dyn Store>) {
+    use crate::store::PlanRemoval;
+    let now = t0();
+    store.apply_catalog(&catalog(vec![plan("free", true, 10)]), now).await.unwrap();
+    let team = plan("team", false, 500);
+    store.put_plan(&team, true, audit("admin.plan.created", now), now).await.unwrap();
+    let again = store.put_plan(&team, true, audit("admin.plan.created", now), now).await;
+    assert!(matches!(again, Err(StoreError::Conflict("plans_key"))), "{again:?}");
+    let missing = store.put_plan(&plan("nope", false, 1), false, audit("admin.plan.updated", now), now).await;
+    assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
+    let mut bigger = plan("team", false, 900);
+    store.put_plan(&bigger, false, audit("admin.plan.updated", now), now).await.unwrap();
+    assert_eq!(store.stored_catalog().await.unwrap().unwrap().plans["team"], bigger);
+    bigger.archived = true;
+    store.put_plan(&bigger, false, audit("admin.plan.updated", now), now).await.unwrap();
+    assert!(store.stored_catalog().await.unwrap().unwrap().plans["team"].archived);
+    bigger.archived = false;
+    store.put_plan(&bigger, false, audit("admin.plan.updated", now), now).await.unwrap();
+    assert!(!store.stored_catalog().await.unwrap().unwrap().plans["team"].archived);
+
+    // Removing: a plan an account is subscribed to (or scheduled to move to) is
+    // archived; an unused one is deleted.
+    let account = external(&store, "cus_plans").await;
+    store.put_plan(&plan("later", false, 5), true, audit("admin.plan.created", now), now).await.unwrap();
+    let sub = Subscription {
+        account_id: account,
+        plan: "team".into(),
+        status: SubscriptionStatus::Active,
+        provider: "manual".into(),
+        started_at: now,
+        trial_ends_at: None,
+        cancel_at_period_end: false,
+        scheduled_plan: Some("later".into()),
+        scheduled_at: Some(now + Duration::days(30)),
+        updated_at: now,
+        provider_subscription_id: None,
+        provider_state_at: None,
+    };
+    store.put_subscription(sub, None, audit("subscription.changed", now)).await.unwrap();
+    assert_eq!(store.remove_plan("team", audit("admin.plan.removed", now), now).await.unwrap(), PlanRemoval::Archived);
+    assert_eq!(store.remove_plan("later", audit("admin.plan.removed", now), now).await.unwrap(), PlanRemoval::Archived);
+    store.put_plan(&plan("unused", false, 5), true, audit("admin.plan.created", now), now).await.unwrap();
+    assert_eq!(store.remove_plan("unused", audit("admin.plan.removed", now), now).await.unwrap(), PlanRemoval::Deleted);
+    assert!(matches!(
+        store.remove_plan("unused", audit("admin.plan.removed", now), now).await,
+        Err(StoreError::NotFound)
+    ));
+    let stored = store.stored_catalog().await.unwrap().unwrap();
+    assert!(stored.plans["team"].archived && stored.plans["later"].archived);
+    assert!(!stored.plans.contains_key("unused"));
+    let removed = store
+        .list_audit(AuditQuery { action: Some("admin.plan.removed".into()), limit: 10, ..Default::default() })
+        .await
+        .unwrap();
+    let outcomes: Vec<&serde_json::Value> = removed.iter().map(|e| &e.metadata["outcome"]).collect();
+    assert_eq!(outcomes, vec!["deleted", "archived", "archived"], "newest first, refusals not audited");
+    let written = |action: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .list_audit(AuditQuery { action: Some(action.into()), limit: 20, ..Default::default() })
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!((written("admin.plan.created").await, written("admin.plan.updated").await), (3, 3));
+
+    // Settings: absent, set, replaced.
+    assert_eq!(store.setting("plans_file_digest").await.unwrap(), None);
+    store.put_setting("plans_file_digest", "abc", now).await.unwrap();
+    store.put_setting("plans_file_digest", "def", now).await.unwrap();
+    assert_eq!(store.setting("plans_file_digest").await.unwrap().as_deref(), Some("def"));
 }

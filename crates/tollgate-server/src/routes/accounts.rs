@@ -110,7 +110,7 @@ pub async fn create_account(
     check_create(&body)?;
     let catalog = state.catalog.get();
     if let Some(plan) = &body.plan
-        && !catalog.plans.contains_key(plan)
+        && catalog.plan_for_sale(plan).is_none()
     {
         return Err(ApiError::UnknownPlan(plan.clone()));
     }
@@ -277,7 +277,8 @@ pub(crate) async fn subscribe(
     body: SubscribeBody,
     audit: impl Fn(&'static str, &Subscription) -> AuditEvent,
 ) -> Result<(), ApiError> {
-    if !state.catalog.get().plans.contains_key(&body.plan) {
+    // An archived plan is no longer sold (its subscribers keep it).
+    if state.catalog.get().plan_for_sale(&body.plan).is_none() {
         return Err(ApiError::UnknownPlan(body.plan));
     }
     if body.trial_days > 366 {

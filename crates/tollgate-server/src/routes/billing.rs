@@ -109,7 +109,7 @@ pub async fn checkout(
     let catalog = state.catalog.get();
     let item = match (&body.plan, &body.credit_package) {
         (Some(plan_key), None) => {
-            let plan = catalog.plans.get(plan_key).ok_or_else(|| ApiError::UnknownPlan(plan_key.clone()))?;
+            let plan = catalog.plan_for_sale(plan_key).ok_or_else(|| ApiError::UnknownPlan(plan_key.clone()))?;
             let price = plan
                 .prices
                 .iter()

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod admin_accounts;
+pub mod admin_plans;
 pub mod admin_reports;
 pub mod admin_system;
 pub mod api_keys;

@@ -173,6 +173,12 @@ impl Builder {
         self
     }
 
+    /// A plans file of the test's own.
+    pub fn plans_file(mut self, path: PathBuf) -> Self {
+        self.plans_file = Some(path);
+        self
+    }
+
     /// Checkout redirects limited to these origins (after `stripe`).
     pub fn redirect_origins(mut self, origins: &[&str]) -> Self {
         if let Some(stripe) = &mut self.stripe {

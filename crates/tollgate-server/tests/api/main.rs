@@ -7,6 +7,7 @@ mod smtp_sink;
 mod accounts;
 mod admin;
 mod admin_accounts;
+mod admin_plans;
 mod admin_reports;
 mod api_keys;
 mod auth;

@@ -1,0 +1,7 @@
+-- Small named values Tollgate keeps for itself, e.g. the digest of the plans file
+-- last applied (so a restart with the same file keeps plans edited through the API).
+CREATE TABLE settings (
+    key        text PRIMARY KEY,
+    value      text NOT NULL,
+    updated_at timestamptz NOT NULL
+);
