@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
 use crate::identity::str_enum;
-use crate::ids::{AuditEventId, ServiceKeyId, UserId};
+use crate::ids::{ApiKeyId, AuditEventId, ServiceKeyId, UserId};
 
 /// Who acted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +21,8 @@ pub enum Actor {
     ServiceKey(ServiceKeyId),
     /// An admin acting as a user through an impersonation token: both identities.
     Impersonator { admin: UserId, user: UserId },
+    /// A user's program, through one of the user's API keys: both named.
+    ApiKey { user: UserId, key: ApiKeyId },
 }
 
 impl Actor {
@@ -31,6 +33,7 @@ impl Actor {
             Actor::System => "system",
             Actor::ServiceKey(_) => "service_key",
             Actor::Impersonator { .. } => "impersonator",
+            Actor::ApiKey { .. } => "api_key",
         }
     }
 
@@ -40,6 +43,7 @@ impl Actor {
             Actor::ServiceKey(id) => Some(id.to_string()),
             // Stored in the one `actor_id` column as `<admin>/<user>`.
             Actor::Impersonator { admin, user } => Some(format!("{admin}/{user}")),
+            Actor::ApiKey { user, key } => Some(format!("{user}/{key}")),
             Actor::Anonymous | Actor::System => None,
         }
     }
@@ -51,6 +55,10 @@ impl Actor {
             ("impersonator", Some(ids)) => {
                 let (admin, user) = ids.split_once('/')?;
                 Some(Actor::Impersonator { admin: admin.parse().ok()?, user: user.parse().ok()? })
+            }
+            ("api_key", Some(ids)) => {
+                let (user, key) = ids.split_once('/')?;
+                Some(Actor::ApiKey { user: user.parse().ok()?, key: key.parse().ok()? })
             }
             ("anonymous", _) => Some(Actor::Anonymous),
             ("system", _) => Some(Actor::System),
@@ -176,10 +184,12 @@ mod tests {
             Actor::System,
             Actor::ServiceKey(ServiceKeyId::new()),
             Actor::Impersonator { admin, user },
+            Actor::ApiKey { user, key: ApiKeyId::new() },
         ] {
             assert_eq!(Actor::from_parts(actor.kind(), actor.id().as_deref()), Some(actor));
         }
         assert_eq!(Actor::from_parts("impersonator", Some("nope")), None);
+        assert_eq!(Actor::from_parts("api_key", Some("nope")), None);
     }
 
     #[test]

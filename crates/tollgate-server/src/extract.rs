@@ -161,6 +161,9 @@ impl CurrentUser {
 
     /// Who the audit log names for what this request does.
     pub fn actor(&self) -> Actor {
+        if let Credential::ApiKey(key) = &self.via {
+            return Actor::ApiKey { user: self.user.id, key: key.id };
+        }
         match self.impersonator() {
             Some(admin) => Actor::Impersonator { admin, user: self.user.id },
             None => Actor::User(self.user.id),
