@@ -4,6 +4,7 @@
 //! with the first characters kept to recognise it in a list.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::Timestamp;
 use crate::identity::{TokenDigest, str_enum};
@@ -91,6 +92,23 @@ pub fn digest(secret: &str) -> TokenDigest {
     TokenDigest::of(secret)
 }
 
+/// The raw SHA-256 of `secret`: what a cache in front of the store can key by,
+/// without building the hex string of [`digest`].
+pub fn sha256(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// [`digest`] from the raw SHA-256 ([`sha256`]): its lowercase hex.
+pub fn digest_of_sha256(sha256: &[u8; 32]) -> TokenDigest {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 64];
+    for (pair, byte) in hex.chunks_exact_mut(2).zip(sha256) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
+    }
+    TokenDigest(hex.iter().map(|&c| char::from(c)).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +120,13 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), PREFIX.len() + 43);
         assert!(a[PREFIX.len()..].bytes().all(|c| c.is_ascii_alphanumeric()), "{a}");
+    }
+
+    #[test]
+    fn the_raw_digest_in_hex_is_the_stored_digest() {
+        for secret in [String::new(), "tg_live_abc".into(), generate_secret(), generate_secret()] {
+            assert_eq!(digest_of_sha256(&sha256(&secret)), digest(&secret), "{secret}");
+        }
     }
 
     #[test]

@@ -24,7 +24,8 @@ const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub struct ApiKeyCache {
-    entries: DigestCache<ApiKey>,
+    /// By the raw SHA-256 of the secret; hex (the store's form) only on a miss.
+    entries: DigestCache<ApiKey, [u8; 32]>,
     /// Key → when this node last wrote its `last_used_at`.
     touched: Mutex<HashMap<ApiKeyId, Instant>>,
 }
@@ -32,12 +33,12 @@ pub struct ApiKeyCache {
 impl ApiKeyCache {
     /// The key whose secret this is (revoked and expired ones too: callers check).
     pub async fn lookup(&self, store: &Arc<dyn Store>, secret: &str) -> Result<Option<ApiKey>, ApiError> {
-        let digest = api_keys::digest(secret);
-        if let Some(key) = self.entries.get(&digest.0) {
+        let sha256 = api_keys::sha256(secret);
+        if let Some(key) = self.entries.get(&sha256) {
             return Ok(key);
         }
-        let key = store.api_key_by_digest(&digest).await?;
-        self.entries.insert(digest.0, key.clone());
+        let key = store.api_key_by_digest(&api_keys::digest_of_sha256(&sha256)).await?;
+        self.entries.insert(sha256, key.clone());
         Ok(key)
     }
 

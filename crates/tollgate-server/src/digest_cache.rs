@@ -2,7 +2,9 @@
 //! time, so verifying a busy service key or API key costs a SHA-256 and a map lookup
 //! instead of a database read. Changes made elsewhere show within [`TTL`].
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -10,26 +12,31 @@ use std::time::{Duration, Instant};
 pub const TTL: Duration = Duration::from_secs(30);
 const MAX: usize = 10_000;
 
-pub struct DigestCache<V>(Mutex<HashMap<String, (Instant, Option<V>)>>);
+/// Keyed by the digest as the caller has it: the hex `String` the store uses, or the
+/// raw 32 bytes (API keys: no hex string to build and hash on a hit).
+pub struct DigestCache<V, K = String>(Mutex<HashMap<K, (Instant, Option<V>)>>);
 
-impl<V> Default for DigestCache<V> {
+impl<V, K> Default for DigestCache<V, K> {
     fn default() -> Self {
         Self(Mutex::new(HashMap::new()))
     }
 }
 
-impl<V: Clone> DigestCache<V> {
-    fn entries(&self) -> MutexGuard<'_, HashMap<String, (Instant, Option<V>)>> {
+impl<V: Clone, K: Hash + Eq> DigestCache<V, K> {
+    fn entries(&self) -> MutexGuard<'_, HashMap<K, (Instant, Option<V>)>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `Some(found)` while the entry is fresh, `None` when the store must be asked.
-    pub fn get(&self, digest: &str) -> Option<Option<V>> {
+    pub fn get<Q: Hash + Eq + ?Sized>(&self, digest: &Q) -> Option<Option<V>>
+    where
+        K: Borrow<Q>,
+    {
         self.entries().get(digest).filter(|(at, _)| at.elapsed() < TTL).map(|(_, v)| v.clone())
     }
 
     /// Remembers what the store said; drops stale entries (or all) when full.
-    pub fn insert(&self, digest: String, value: Option<V>) {
+    pub fn insert(&self, digest: K, value: Option<V>) {
         let mut entries = self.entries();
         if entries.len() >= MAX {
             entries.retain(|_, (at, _)| at.elapsed() < TTL);
