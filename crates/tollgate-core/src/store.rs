@@ -515,6 +515,26 @@ pub struct CatalogChanges {
     pub deleted: Vec<String>,
 }
 
+impl CatalogChanges {
+    fn changed(&self) -> bool {
+        !(self.created.is_empty() && self.updated.is_empty() && self.archived.is_empty() && self.deleted.is_empty())
+    }
+
+    /// The audit event of an application that changed something (`plans.applied`,
+    /// by the system: the plans file), written in the application's transaction.
+    pub fn audit_event(&self, now: Timestamp) -> Option<AuditEvent> {
+        use crate::audit::{Actor, RequestOrigin, Severity};
+        self.changed().then(|| {
+            AuditEvent::new(Actor::System, "plans.applied", &RequestOrigin::default(), now)
+                .severity(Severity::Warning)
+                .meta("created", self.created.clone())
+                .meta("updated", self.updated.clone())
+                .meta("archived", self.archived.clone())
+                .meta("deleted", self.deleted.clone())
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum EmailOutcome {
     Sent,

@@ -151,6 +151,9 @@ pub(crate) async fn apply_catalog(
             changes.deleted.push(format!("plan {key}"));
         }
     }
+    if let Some(audit) = changes.audit_event(now) {
+        insert_audit(&mut tx, &audit).await?;
+    }
     tx.commit().await.map_err(db_error)?;
     Ok(changes)
 }

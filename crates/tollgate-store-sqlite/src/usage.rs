@@ -33,6 +33,7 @@ pub(crate) async fn apply_catalog(
 ) -> Result<CatalogChanges, StoreError> {
     let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
     let mut changes = CatalogChanges::default();
+    let now_ts = now;
     let now = micros(now);
 
     let existing: Vec<(String, String)> =
@@ -118,6 +119,9 @@ pub(crate) async fn apply_catalog(
             sqlx::query("DELETE FROM plans WHERE key = ?1").bind(key).execute(&mut *tx).await.map_err(db_error)?;
             changes.deleted.push(format!("plan {key}"));
         }
+    }
+    if let Some(audit) = changes.audit_event(now_ts) {
+        insert_audit(&mut tx, &audit).await?;
     }
     tx.commit().await.map_err(db_error)?;
     Ok(changes)

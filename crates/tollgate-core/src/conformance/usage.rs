@@ -89,6 +89,13 @@ pub async fn catalog_apply_is_idempotent_and_archives_plans_in_use(store: Arc<dy
     let again = store.apply_catalog(&first, now).await.unwrap();
     assert!(again.created.is_empty() && again.updated.is_empty() && again.deleted.is_empty());
     assert_eq!(again.unchanged.len(), 4);
+    // Audited in the same transaction, only when something changed.
+    let applied = store
+        .list_audit(AuditQuery { action: Some("plans.applied".into()), limit: 10, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(applied.len(), 1, "the idempotent second apply writes no event");
+    assert_eq!(applied[0].metadata["created"].as_array().unwrap().len(), 4);
     // "pro" is in use by a subscription, "old" is not.
     let account = external(&store, "cus_1").await;
     let sub = Subscription {
