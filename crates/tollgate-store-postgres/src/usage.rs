@@ -593,7 +593,7 @@ pub(crate) async fn consume_usage(store: &PgStore, request: UsageRequest) -> Res
 /// do for rolling windows: a bucket row that a concurrent consume has inserted but not
 /// committed is invisible to the snapshot, so it could be neither locked nor counted.
 pub(crate) async fn consume_alone(store: &PgStore, request: UsageRequest) -> Result<UsageDecision, StoreError> {
-    let keys: Vec<Vec<String>> = request.windows.iter().map(|w| w.count_keys.clone()).collect();
+    let keys: Vec<Vec<String>> = request.windows.iter().map(|w| w.count_keys.to_vec()).collect();
     if request.dry_run {
         // Reads as things stand, locks nothing, writes nothing. Dry runs are only
         // ever consumes, so the consume rule is the whole rule here.

@@ -104,7 +104,7 @@ mod tests {
             windows: vec![WindowCheck {
                 window: Window::Day,
                 limit: None,
-                count_keys: vec!["d:1".into()],
+                count_keys: ["d:1".into()].into(),
                 increment_key: "d:1".into(),
                 resets_at: None,
             }],

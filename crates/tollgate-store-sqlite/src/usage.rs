@@ -456,7 +456,7 @@ pub(crate) async fn consume_usage(store: &SqliteStore, request: UsageRequest) ->
     if !request.dry_run {
         return store.usage.consume(request).await;
     }
-    let keys: Vec<Vec<String>> = request.windows.iter().map(|w| w.count_keys.clone()).collect();
+    let keys: Vec<Vec<String>> = request.windows.iter().map(|w| w.count_keys.to_vec()).collect();
     let used = counter_values(store, request.account, &request.meter, &keys).await?;
     let (mut allowed, mut denied_by) = metering::decide(&request.windows, &used, request.amount);
     let windows = request.windows.iter().zip(&used).map(|(w, u)| WindowState::new(w, *u)).collect();

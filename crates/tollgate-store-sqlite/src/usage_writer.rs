@@ -315,7 +315,7 @@ fn decide(
     let mut used = Vec::with_capacity(request.windows.len());
     for window in &request.windows {
         let mut sum = 0i64;
-        for key in &window.count_keys {
+        for key in window.count_keys.iter() {
             sum = sum.saturating_add(counter(conn, cache, request.account, &request.meter, key)?);
         }
         used.push(sum);

@@ -155,7 +155,7 @@ fn usage(account: AccountId, meter: &str, amount: i64, limit: i64, at: Timestamp
         windows: vec![WindowCheck {
             window: Window::Day,
             limit: Some(limit),
-            count_keys: vec![key.clone()],
+            count_keys: [key.clone()].into(),
             increment_key: key,
             resets_at: None,
         }],

@@ -53,7 +53,7 @@ async fn external(store: &Arc<dyn Store>, external_id: &str) -> AccountId {
 }
 
 fn window(window: Window, key: &str, limit: Option<i64>) -> WindowCheck {
-    WindowCheck { window, limit, count_keys: vec![key.into()], increment_key: key.into(), resets_at: None }
+    WindowCheck { window, limit, count_keys: [key.into()].into(), increment_key: key.into(), resets_at: None }
 }
 
 /// Each test uses one instant throughout, so a run that crosses midnight cannot split

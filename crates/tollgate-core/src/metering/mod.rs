@@ -28,8 +28,9 @@ pub struct WindowCheck {
     pub window: Window,
     /// `None`: unlimited (still counted, for analytics and the answer).
     pub limit: Option<i64>,
-    /// Counter rows whose sum is the usage (one row; several buckets for rolling).
-    pub count_keys: Vec<String>,
+    /// Counter rows whose sum is the usage (one row; several buckets for rolling),
+    /// shared (see [`window::rolling_bucket_keys`]).
+    pub count_keys: std::sync::Arc<[String]>,
     /// The row a consume increments.
     pub increment_key: String,
     pub resets_at: Option<Timestamp>,
@@ -39,7 +40,7 @@ impl WindowCheck {
     pub fn for_limit(limit: &WindowLimit, now: Timestamp, anchor: Option<Timestamp>) -> Self {
         let count_keys = match limit.window {
             Window::Rolling { seconds } => window::rolling_bucket_keys(seconds, now),
-            other => vec![window::key(other, now, anchor)],
+            other => [window::key(other, now, anchor)].into(),
         };
         Self {
             window: limit.window,
@@ -388,7 +389,7 @@ mod tests {
     use super::*;
 
     fn check(limit: Option<i64>, window: Window) -> WindowCheck {
-        WindowCheck { window, limit, count_keys: vec!["k".into()], increment_key: "k".into(), resets_at: None }
+        WindowCheck { window, limit, count_keys: ["k".into()].into(), increment_key: "k".into(), resets_at: None }
     }
 
     #[test]

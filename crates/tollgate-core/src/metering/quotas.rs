@@ -136,7 +136,7 @@ fn gauge_window(limit: Option<i64>) -> WindowCheck {
     WindowCheck {
         window: Window::Lifetime,
         limit,
-        count_keys: vec!["g".into()],
+        count_keys: ["g".into()].into(),
         increment_key: "g".into(),
         resets_at: None,
     }
@@ -448,7 +448,7 @@ impl Quotas {
             let keys: Vec<String> = checks
                 .into_iter()
                 .filter(|c| window.is_none_or(|w| w == c.window))
-                .flat_map(|c| c.count_keys)
+                .flat_map(|c| c.count_keys.to_vec())
                 .collect();
             if !keys.is_empty() {
                 targets.push((key.clone(), keys));
@@ -480,7 +480,7 @@ impl Quotas {
             match (meter.kind, allowance) {
                 (MeterKind::Counter, _) => {
                     let checks = counter_checks(allowance, now, anchor).unwrap_or_default();
-                    let keys: Vec<Vec<String>> = checks.iter().map(|c| c.count_keys.clone()).collect();
+                    let keys: Vec<Vec<String>> = checks.iter().map(|c| c.count_keys.to_vec()).collect();
                     let used = self.store.counter_values(account.id, key, &keys).await?;
                     let windows: Vec<WindowState> =
                         checks.iter().zip(used).map(|(c, u)| WindowState::new(c, u)).collect();
@@ -496,8 +496,7 @@ impl Quotas {
                         _ => Some(0),
                     };
                     let window = gauge_window(max);
-                    let level =
-                        self.store.counter_values(account.id, key, std::slice::from_ref(&window.count_keys)).await?;
+                    let level = self.store.counter_values(account.id, key, &[window.count_keys.to_vec()]).await?;
                     entry.max = Some(max);
                     entry.windows = Some(vec![WindowState::new(&window, level[0])]);
                 }

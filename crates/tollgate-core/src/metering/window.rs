@@ -6,8 +6,10 @@
 //! Boundaries are computed with `time`, whose dates end at year 9999: the functions
 //! here panic for instants whose window would end beyond that.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use time::{Date, Month, PrimitiveDateTime, UtcOffset};
@@ -165,20 +167,37 @@ pub fn key(window: Window, now: Timestamp, anchor: Option<Timestamp>) -> String 
 }
 
 /// The keys of every bucket a rolling window of `seconds` counts at `now`, oldest first;
-/// the last is [`key`]'s.
-pub fn rolling_bucket_keys(seconds: u64, now: Timestamp) -> Vec<String> {
+/// the last is [`key`]'s. Shared: they are the same for every decision until the
+/// current bucket moves on, so each thread keeps the last few lists and a decision
+/// clones an `Arc` instead of building up to 60 strings (BENCHMARKS.md).
+pub fn rolling_bucket_keys(seconds: u64, now: Timestamp) -> Arc<[String]> {
+    /// Lists remembered per thread (one per rolling window length in use).
+    const REMEMBERED: usize = 8;
+    thread_local! {
+        static RECENT: RefCell<Vec<(u64, i64, Arc<[String]>)>> = const { RefCell::new(Vec::new()) };
+    }
     let b = Buckets::at(seconds, now);
-    // Up to 60 keys on every decision: the prefix once, digits without `fmt` (with
-    // `format!` each, this was nine tenths of a decision's time; BENCHMARKS.md).
-    let prefix = b.key_prefix();
-    (b.oldest..=b.current)
-        .map(|index| {
-            let mut key = String::with_capacity(prefix.len() + 20);
-            key.push_str(&prefix);
-            push_decimal(&mut key, index);
-            key
-        })
-        .collect()
+    RECENT.with(|recent| {
+        let mut recent = recent.borrow_mut();
+        if let Some((_, _, keys)) = recent.iter().find(|(s, current, _)| *s == seconds && *current == b.current) {
+            return keys.clone();
+        }
+        let prefix = b.key_prefix();
+        let keys: Arc<[String]> = (b.oldest..=b.current)
+            .map(|index| {
+                let mut key = String::with_capacity(prefix.len() + 20);
+                key.push_str(&prefix);
+                push_decimal(&mut key, index);
+                key
+            })
+            .collect();
+        recent.retain(|(s, _, _)| *s != seconds);
+        if recent.len() >= REMEMBERED {
+            recent.remove(0);
+        }
+        recent.push((seconds, b.current, keys.clone()));
+        keys
+    })
 }
 
 /// Appends `n` in decimal.
@@ -454,7 +473,7 @@ mod tests {
         let s = span(Window::Rolling { seconds: 61 }, now, None);
         assert_eq!(rolling_bucket_keys(61, now).len(), 31);
         assert_eq!(s.end.unwrap() - s.start, Duration::seconds(62));
-        assert_eq!(rolling_bucket_keys(1, now), [format!("r1:{}", now.unix_timestamp())]);
+        assert_eq!(*rolling_bucket_keys(1, now), [format!("r1:{}", now.unix_timestamp())]);
         assert_eq!(rolling_bucket_keys(MAX_ROLLING_SECONDS, now).len(), 60);
         // Lengths `parse` refuses are clamped, not a panic or an empty window.
         assert_eq!(rolling_bucket_keys(0, now), rolling_bucket_keys(1, now));
