@@ -359,8 +359,10 @@ impl Catalog {
         self.plans.get(key).filter(|p| !p.archived)
     }
 
+    /// The plan of accounts without a live subscription. An archived plan is never it:
+    /// a former default the file replaced keeps `default` in its stored definition.
     pub fn default_plan(&self) -> &Plan {
-        self.plans.values().find(|p| p.default).expect("a validated catalog has a default plan")
+        self.plans.values().find(|p| p.default && !p.archived).expect("a validated catalog has a default plan")
     }
 
     /// Credit packages in display order.
@@ -377,6 +379,9 @@ impl Catalog {
         plans
     }
 }
+
+/// The longest trial a plan may offer.
+pub const MAX_TRIAL_DAYS: u32 = 366;
 
 /// Validates one plan as written against the declared meters; every problem is
 /// reported with where it is (`plans.<key>...`). Used for the plans file and for
@@ -441,6 +446,9 @@ impl Plan {
         if self.credits_overdraft < 0 {
             errors.push(err(&at, "credits_overdraft cannot be negative"));
         }
+        if self.trial_days > MAX_TRIAL_DAYS {
+            errors.push(err(&at, format!("trial_days is at most {MAX_TRIAL_DAYS}")));
+        }
         if !(self.rate_limit_multiplier.is_finite() && self.rate_limit_multiplier > 0.0) {
             errors.push(err(&at, "rate_limit_multiplier must be positive"));
         }
@@ -499,8 +507,12 @@ impl Plan {
                 Some(Err(problem)) => errors.push(err(&at, problem)),
             }
         }
-        if plan.archived && plan.default {
-            errors.push(err(format!("plans.{}", self.key), "the default plan cannot be archived"));
+        let at = format!("plans.{}", self.key);
+        if plan.default && !self.archived && plan.archived {
+            errors.push(err(&at, "the default plan cannot be archived"));
+        }
+        if plan.default && self.archived && !plan.archived {
+            errors.push(err(&at, "a former default plan cannot be sold again: declare it in the plans file"));
         }
         errors.extend(plan.problems());
         if errors.is_empty() { Ok(plan) } else { Err(errors) }
@@ -556,5 +568,42 @@ pub fn allowance(kind: MeterKind, spec: LimitSpec) -> Result<Allowance, String> 
             LimitSpec::Bool(enabled) => Ok(Allowance::Flag { enabled }),
             _ => Err("a flag is true or false".into()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(key: &str, default: bool, archived: bool) -> Plan {
+        Plan { key: key.into(), default, archived, ..Catalog::builtin().default_plan().clone() }
+    }
+
+    #[test]
+    fn a_former_default_kept_for_its_subscribers_is_not_the_default() {
+        // The file moved `default` from "basic" to "free"; "basic" is archived, in use.
+        let catalog = Catalog {
+            meters: BTreeMap::new(),
+            plans: [("basic".to_owned(), plan("basic", true, true)), ("free".to_owned(), plan("free", true, false))]
+                .into(),
+            credit_packages: BTreeMap::new(),
+        };
+        assert_eq!(catalog.default_plan().key, "free");
+        assert!(catalog.plan_for_sale("basic").is_none() && catalog.plan_for_sale("free").is_some());
+        assert_eq!(catalog.public_plans().len(), 1);
+    }
+
+    #[test]
+    fn patches_keep_the_default_rules() {
+        let meters = BTreeMap::new();
+        let archive = PlanPatch { archived: Some(true), ..Default::default() };
+        let sell = PlanPatch { archived: Some(false), ..Default::default() };
+        assert!(plan("free", true, false).patched(archive.clone(), &meters).is_err(), "the default stays sold");
+        assert!(plan("basic", true, true).patched(sell, &meters).is_err(), "a former default is not sold again");
+        let order = PlanPatch { order: Some(3), ..Default::default() };
+        assert_eq!(plan("basic", true, true).patched(order, &meters).unwrap().order, 3, "other fields change");
+        assert!(plan("pro", false, false).patched(archive, &meters).unwrap().archived);
+        let long_trial = PlanPatch { trial_days: Some(MAX_TRIAL_DAYS + 1), ..Default::default() };
+        assert!(plan("pro", false, false).patched(long_trial, &meters).is_err());
     }
 }

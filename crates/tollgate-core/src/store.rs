@@ -249,10 +249,17 @@ pub trait Store: BillingStore + Send + Sync + 'static {
     /// The meters and active plans last applied (`None` before the first apply).
     async fn stored_catalog(&self) -> Result<Option<Catalog>, StoreError>;
 
-    /// Creates (`create`: `Conflict("plans_key")` if the key exists, archived or not)
-    /// or replaces (`NotFound` if missing) one plan, with its audit event. An archived
-    /// plan keeps its first archiving time.
-    async fn put_plan(&self, plan: &Plan, create: bool, audit: AuditEvent, now: Timestamp) -> Result<(), StoreError>;
+    /// Creates one plan (`previous: None`; `Conflict("plans_key")` if the key exists,
+    /// archived or not) or replaces it if it is still `previous` (`NotFound` if
+    /// missing, `Conflict("plan_changed")` if changed since it was read, archiving
+    /// included), with its audit event. An archived plan keeps its first archiving time.
+    async fn put_plan(
+        &self,
+        plan: &Plan,
+        previous: Option<&Plan>,
+        audit: AuditEvent,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
 
     /// Deletes a plan no subscription uses (now or as a scheduled change), else
     /// archives it; writes the audit event with the outcome in its metadata.

@@ -247,7 +247,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => ApiError::NotFound,
             StoreError::Conflict("users_email") => ApiError::EmailTaken,
-            StoreError::Conflict("subscription_changed") => ApiError::ConcurrentChange,
+            StoreError::Conflict("subscription_changed" | "plan_changed") => ApiError::ConcurrentChange,
             StoreError::Conflict("idempotency_key") => ApiError::IdempotencyKeyReused,
             StoreError::Conflict("api_keys_limit") => ApiError::Validation(vec![FieldError {
                 field: "api_keys",

@@ -13,37 +13,54 @@ use crate::{PgStore, db_error};
 pub(crate) async fn put(
     store: &PgStore,
     plan: &Plan,
-    create: bool,
+    previous: Option<&Plan>,
     audit: AuditEvent,
     now: Timestamp,
 ) -> Result<(), StoreError> {
     let archived_at = plan.archived.then_some(now);
     let mut tx = store.pool.begin().await.map_err(db_error)?;
-    let written = if create {
-        sqlx::query(
-            "INSERT INTO plans (key, definition, archived_at, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (key) DO NOTHING",
-        )
-    } else {
-        // An archived plan keeps the time it was first archived.
-        sqlx::query(
-            "UPDATE plans SET definition = $2, updated_at = $4, \
-             archived_at = CASE WHEN $3::timestamptz IS NULL THEN NULL ELSE COALESCE(archived_at, $3) END \
-             WHERE key = $1",
-        )
-    }
-    .bind(&plan.key)
-    .bind(Json(plan))
-    .bind(archived_at)
-    .bind(now)
-    .execute(&mut *tx)
-    .await
-    .map_err(db_error)?
-    .rows_affected();
-    match (written, create) {
-        (0, true) => return Err(StoreError::Conflict("plans_key")),
-        (0, false) => return Err(StoreError::NotFound),
-        _ => {}
+    match previous {
+        None => {
+            let inserted = sqlx::query(
+                "INSERT INTO plans (key, definition, archived_at, updated_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(&plan.key)
+            .bind(Json(plan))
+            .bind(archived_at)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            if inserted.rows_affected() == 0 {
+                return Err(StoreError::Conflict("plans_key"));
+            }
+        }
+        Some(previous) => {
+            let stored: Option<(Json<Plan>, Option<Timestamp>)> =
+                sqlx::query_as("SELECT definition, archived_at FROM plans WHERE key = $1 FOR UPDATE")
+                    .bind(&plan.key)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+            let Some((Json(stored), stored_archived_at)) = stored else { return Err(StoreError::NotFound) };
+            if (Plan { archived: stored_archived_at.is_some(), ..stored }) != *previous {
+                return Err(StoreError::Conflict("plan_changed"));
+            }
+            // An archived plan keeps the time it was first archived.
+            sqlx::query(
+                "UPDATE plans SET definition = $2, updated_at = $4, \
+                 archived_at = CASE WHEN $3::timestamptz IS NULL THEN NULL ELSE COALESCE(archived_at, $3) END \
+                 WHERE key = $1",
+            )
+            .bind(&plan.key)
+            .bind(Json(plan))
+            .bind(archived_at)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
     }
     insert_audit(&mut tx, &audit).await?;
     tx.commit().await.map_err(db_error)

@@ -13,38 +13,44 @@ use crate::{SqliteStore, db_error};
 pub(crate) async fn put(
     store: &SqliteStore,
     plan: &Plan,
-    create: bool,
+    previous: Option<&Plan>,
     audit: AuditEvent,
     now: Timestamp,
 ) -> Result<(), StoreError> {
     let definition = serde_json::to_string(plan).map_err(|e| StoreError::Internal(e.to_string()))?;
     let archived_at = plan.archived.then(|| micros(now));
     let mut tx = store.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
-    let written = if create {
-        sqlx::query(
-            "INSERT INTO plans (key, definition, archived_at, updated_at) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (key) DO NOTHING",
-        )
-    } else {
-        // An archived plan keeps the time it was first archived.
-        sqlx::query(
-            "UPDATE plans SET definition = ?2, updated_at = ?4, \
-             archived_at = CASE WHEN ?3 IS NULL THEN NULL ELSE COALESCE(archived_at, ?3) END WHERE key = ?1",
-        )
+    let stored: Option<(String, Option<i64>)> =
+        sqlx::query_as("SELECT definition, archived_at FROM plans WHERE key = ?1")
+            .bind(&plan.key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_error)?;
+    match (previous, stored) {
+        (None, Some(_)) => return Err(StoreError::Conflict("plans_key")),
+        (Some(_), None) => return Err(StoreError::NotFound),
+        (Some(previous), Some((definition, archived_at))) => {
+            let stored = serde_json::from_str::<Plan>(&definition).map_err(|e| StoreError::Internal(e.to_string()))?;
+            if (Plan { archived: archived_at.is_some(), ..stored }) != *previous {
+                return Err(StoreError::Conflict("plan_changed"));
+            }
+        }
+        (None, None) => {}
     }
+    // An archived plan keeps the time it was first archived.
+    sqlx::query(
+        "INSERT INTO plans (key, definition, archived_at, updated_at) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (key) DO UPDATE SET definition = excluded.definition, updated_at = excluded.updated_at, \
+         archived_at = CASE WHEN excluded.archived_at IS NULL THEN NULL \
+         ELSE COALESCE(plans.archived_at, excluded.archived_at) END",
+    )
     .bind(&plan.key)
     .bind(definition)
     .bind(archived_at)
     .bind(micros(now))
     .execute(&mut *tx)
     .await
-    .map_err(db_error)?
-    .rows_affected();
-    match (written, create) {
-        (0, true) => return Err(StoreError::Conflict("plans_key")),
-        (0, false) => return Err(StoreError::NotFound),
-        _ => {}
-    }
+    .map_err(db_error)?;
     insert_audit(&mut tx, &audit).await?;
     tx.commit().await.map_err(db_error)
 }

@@ -1032,11 +1032,11 @@ impl Store for SqliteStore {
     async fn put_plan(
         &self,
         plan: &tollgate_core::plans::Plan,
-        create: bool,
+        previous: Option<&tollgate_core::plans::Plan>,
         audit: AuditEvent,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        crate::plans::put(self, plan, create, audit, now).await
+        crate::plans::put(self, plan, previous, audit, now).await
     }
 
     async fn remove_plan(

@@ -100,11 +100,13 @@ pub(crate) async fn apply_catalog(
         }
     }
     for (key, _, archived_at) in existing.iter().filter(|(k, _, _)| !catalog.plans.contains_key(k)) {
-        let in_use: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM subscriptions WHERE plan_key = ?1)")
-            .bind(key)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        let in_use: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM subscriptions WHERE plan_key = ?1 OR scheduled_plan = ?1)",
+        )
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
         if in_use {
             if archived_at.is_none() {
                 sqlx::query("UPDATE plans SET archived_at = ?2, updated_at = ?2 WHERE key = ?1")

@@ -912,25 +912,33 @@ pub async fn plans_are_created_replaced_and_removed_one_at_a_time(store: Arc<dyn
     let now = t0();
     store.apply_catalog(&catalog(vec![plan("free", true, 10)]), now).await.unwrap();
     let team = plan("team", false, 500);
-    store.put_plan(&team, true, audit("admin.plan.created", now), now).await.unwrap();
-    let again = store.put_plan(&team, true, audit("admin.plan.created", now), now).await;
+    store.put_plan(&team, None, audit("admin.plan.created", now), now).await.unwrap();
+    let again = store.put_plan(&team, None, audit("admin.plan.created", now), now).await;
     assert!(matches!(again, Err(StoreError::Conflict("plans_key"))), "{again:?}");
-    let missing = store.put_plan(&plan("nope", false, 1), false, audit("admin.plan.updated", now), now).await;
+    let nope = plan("nope", false, 1);
+    let missing = store.put_plan(&nope, Some(&nope), audit("admin.plan.updated", now), now).await;
     assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
     let mut bigger = plan("team", false, 900);
-    store.put_plan(&bigger, false, audit("admin.plan.updated", now), now).await.unwrap();
+    store.put_plan(&bigger, Some(&team), audit("admin.plan.updated", now), now).await.unwrap();
     assert_eq!(store.stored_catalog().await.unwrap().unwrap().plans["team"], bigger);
+    // A change based on a stale read is refused: it would undo the one in between.
+    let stale = store.put_plan(&plan("team", false, 1), Some(&team), audit("admin.plan.updated", now), now).await;
+    assert!(matches!(stale, Err(StoreError::Conflict("plan_changed"))), "{stale:?}");
+    let before = bigger.clone();
     bigger.archived = true;
-    store.put_plan(&bigger, false, audit("admin.plan.updated", now), now).await.unwrap();
+    store.put_plan(&bigger, Some(&before), audit("admin.plan.updated", now), now).await.unwrap();
     assert!(store.stored_catalog().await.unwrap().unwrap().plans["team"].archived);
+    let stale = store.put_plan(&before, Some(&before), audit("admin.plan.updated", now), now).await;
+    assert!(matches!(stale, Err(StoreError::Conflict("plan_changed"))), "a stale read cannot un-archive");
+    let archived = bigger.clone();
     bigger.archived = false;
-    store.put_plan(&bigger, false, audit("admin.plan.updated", now), now).await.unwrap();
+    store.put_plan(&bigger, Some(&archived), audit("admin.plan.updated", now), now).await.unwrap();
     assert!(!store.stored_catalog().await.unwrap().unwrap().plans["team"].archived);
 
     // Removing: a plan an account is subscribed to (or scheduled to move to) is
     // archived; an unused one is deleted.
     let account = external(&store, "cus_plans").await;
-    store.put_plan(&plan("later", false, 5), true, audit("admin.plan.created", now), now).await.unwrap();
+    store.put_plan(&plan("later", false, 5), None, audit("admin.plan.created", now), now).await.unwrap();
     let sub = Subscription {
         account_id: account,
         plan: "team".into(),
@@ -948,7 +956,7 @@ pub async fn plans_are_created_replaced_and_removed_one_at_a_time(store: Arc<dyn
     store.put_subscription(sub, None, audit("subscription.changed", now)).await.unwrap();
     assert_eq!(store.remove_plan("team", audit("admin.plan.removed", now), now).await.unwrap(), PlanRemoval::Archived);
     assert_eq!(store.remove_plan("later", audit("admin.plan.removed", now), now).await.unwrap(), PlanRemoval::Archived);
-    store.put_plan(&plan("unused", false, 5), true, audit("admin.plan.created", now), now).await.unwrap();
+    store.put_plan(&plan("unused", false, 5), None, audit("admin.plan.created", now), now).await.unwrap();
     assert_eq!(store.remove_plan("unused", audit("admin.plan.removed", now), now).await.unwrap(), PlanRemoval::Deleted);
     assert!(matches!(
         store.remove_plan("unused", audit("admin.plan.removed", now), now).await,
@@ -973,7 +981,11 @@ pub async fn plans_are_created_replaced_and_removed_one_at_a_time(store: Arc<dyn
                 .len()
         }
     };
-    assert_eq!((written("admin.plan.created").await, written("admin.plan.updated").await), (3, 3));
+    assert_eq!(
+        (written("admin.plan.created").await, written("admin.plan.updated").await),
+        (3, 3),
+        "refusals write none"
+    );
 
     // Settings: absent, set, replaced.
     assert_eq!(store.setting("plans_file_digest").await.unwrap(), None);

@@ -55,32 +55,54 @@ type ByAccount = HashMap<AccountId, Arc<LimitOverrides>>;
 
 /// Every account's overrides in force, shared by the hot path; swapped whole.
 #[derive(Clone, Default)]
-pub struct OverrideBook(Arc<RwLock<Arc<ByAccount>>>);
+pub struct OverrideBook(Arc<RwLock<Book>>);
+
+#[derive(Default)]
+struct Book {
+    by_account: Arc<ByAccount>,
+    /// Counts this node's own changes, so a reload read before one of them does not
+    /// undo it.
+    generation: u64,
+}
 
 impl OverrideBook {
-    pub fn get(&self, account: AccountId) -> Option<Arc<LimitOverrides>> {
-        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
-        if map.is_empty() {
-            return None;
-        }
-        map.get(&account).cloned()
+    fn book(&self) -> std::sync::RwLockReadGuard<'_, Book> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Replaces the whole book (a reload).
-    pub fn replace(&self, all: Vec<LimitOverrides>) {
+    pub fn get(&self, account: AccountId) -> Option<Arc<LimitOverrides>> {
+        let book = self.book();
+        if book.by_account.is_empty() {
+            return None;
+        }
+        book.by_account.get(&account).cloned()
+    }
+
+    /// Where a reload starts from: pass it to [`OverrideBook::replace`].
+    pub fn generation(&self) -> u64 {
+        self.book().generation
+    }
+
+    /// Replaces the whole book with what was read from the store, unless this node
+    /// changed an entry since `read_after` (the next reload will include it).
+    pub fn replace(&self, read_after: u64, all: Vec<LimitOverrides>) {
         let map: HashMap<_, _> = all.into_iter().map(|o| (o.account_id, Arc::new(o))).collect();
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
+        let mut book = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if book.generation == read_after {
+            book.by_account = Arc::new(map);
+        }
     }
 
     /// Sets or clears one account's entry (a change made through this node).
     pub fn put(&self, account: AccountId, overrides: Option<LimitOverrides>) {
-        let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
-        let mut map = HashMap::clone(&guard);
+        let mut book = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = ByAccount::clone(&book.by_account);
         match overrides {
             Some(o) => map.insert(account, Arc::new(o)),
             None => map.remove(&account),
         };
-        *guard = Arc::new(map);
+        book.by_account = Arc::new(map);
+        book.generation += 1;
     }
 }
 
@@ -122,9 +144,14 @@ mod tests {
         assert_eq!(book.get(id).as_deref(), Some(&o));
         book.put(id, None);
         assert!(book.get(id).is_none());
-        book.replace(vec![o.clone()]);
+        book.replace(book.generation(), vec![o.clone()]);
         assert_eq!(book.get(id).as_deref(), Some(&o));
-        book.replace(vec![]);
+        book.replace(book.generation(), vec![]);
         assert!(book.get(id).is_none());
+        // A reload read before this node's own change does not undo it.
+        let read_after = book.generation();
+        book.put(id, Some(o.clone()));
+        book.replace(read_after, vec![]);
+        assert_eq!(book.get(id).as_deref(), Some(&o), "the stale reload is dropped");
     }
 }

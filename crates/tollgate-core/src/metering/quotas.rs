@@ -108,9 +108,18 @@ pub struct Entitlements {
     pub can_consume: bool,
     /// Some counter is exhausted in some window: only an upgrade (or waiting) helps.
     pub needs_upgrade: bool,
-    /// The account's limit overrides in force, if any (`overridden` marks the meters).
+    /// Whether an admin's limit overrides apply (`overridden` marks the meters).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub limit_overrides: Option<LimitOverrides>,
+    pub limit_overrides: Option<OverridesInForce>,
+}
+
+/// What an account (and its users) may know of its overrides: which meters and until
+/// when; the reason and who set them are for admins (`/v1/admin/accounts/{id}/limits`).
+#[derive(Clone, Debug, Serialize)]
+pub struct OverridesInForce {
+    pub meters: Vec<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<time::OffsetDateTime>,
 }
 
 /// What applies to an account now: its plan and any overrides in force.
@@ -166,8 +175,9 @@ impl Quotas {
     /// Reloads every account's overrides in force (at start, then every
     /// [`super::overrides::RELOAD_EVERY`]).
     pub async fn reload_overrides(&self) -> Result<(), QuotaError> {
+        let read_after = self.overrides.generation();
         let all = self.store.limit_overrides_in_force(time::OffsetDateTime::now_utc()).await?;
-        self.overrides.replace(all);
+        self.overrides.replace(read_after, all);
         Ok(())
     }
 
@@ -518,7 +528,11 @@ impl Quotas {
             meters,
             can_consume,
             needs_upgrade,
-            limit_overrides: terms.overrides.as_deref().filter(|o| o.in_force(now)).cloned(),
+            limit_overrides: terms
+                .overrides
+                .as_deref()
+                .filter(|o| o.in_force(now))
+                .map(|o| OverridesInForce { meters: o.limits.keys().cloned().collect(), expires_at: o.expires_at }),
         })
     }
 }

@@ -173,8 +173,10 @@ pub fn key(window: Window, now: Timestamp, anchor: Option<Timestamp>) -> String 
 pub fn rolling_bucket_keys(seconds: u64, now: Timestamp) -> Arc<[String]> {
     /// Lists remembered per thread (one per rolling window length in use).
     const REMEMBERED: usize = 8;
+    /// (window seconds, current bucket, its keys).
+    type Recent = Vec<(u64, i64, Arc<[String]>)>;
     thread_local! {
-        static RECENT: RefCell<Vec<(u64, i64, Arc<[String]>)>> = const { RefCell::new(Vec::new()) };
+        static RECENT: RefCell<Recent> = const { RefCell::new(Vec::new()) };
     }
     let b = Buckets::at(seconds, now);
     RECENT.with(|recent| {

@@ -228,11 +228,15 @@ fn plan_of(catalog: &Catalog, subscription: &Value) -> Option<String> {
         return Some(plan);
     }
     let price = &subscription["items"]["data"][0]["price"];
-    if let Some(price_id) = text(&price["id"])
-        && let Some(plan) =
-            catalog.plans.values().find(|p| p.prices.iter().any(|pr| pr.stripe_price.as_deref() == Some(&price_id)))
-    {
-        return Some(plan.key.clone());
+    if let Some(price_id) = text(&price["id"]) {
+        // A plan still sold before an archived one with the same Stripe price.
+        let charges =
+            |p: &&tollgate_core::plans::Plan| p.prices.iter().any(|pr| pr.stripe_price.as_deref() == Some(&price_id));
+        let mut matching: Vec<_> = catalog.plans.values().filter(charges).collect();
+        matching.sort_by_key(|p| p.archived);
+        if let Some(plan) = matching.first() {
+            return Some(plan.key.clone());
+        }
     }
     text(&price["lookup_key"]).filter(|p| catalog.plans.contains_key(p))
 }

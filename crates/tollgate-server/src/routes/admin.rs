@@ -367,7 +367,8 @@ async fn change_plan(
     user: &User,
     plan: String,
 ) -> Result<(), ApiError> {
-    if !state.catalog.get().plans.contains_key(&plan) {
+    // As for a subscription set any other way: an archived plan is no longer sold.
+    if state.catalog.get().plan_for_sale(&plan).is_none() {
         return Err(ApiError::UnknownPlan(plan));
     }
     let account = state.store.account_by_id(user.account_id).await?.ok_or(ApiError::NotFound)?;

@@ -319,12 +319,14 @@ pub async fn put_limits(
     }
     let account = resolve_account(&state, &id).await?;
     let previous = state.store.limit_overrides(account.id).await?;
+    // Whole microseconds, as both stores keep it, so this node serves what others read.
+    let expires_at = body.expires_at.map(|at| at.replace_nanosecond(at.nanosecond() / 1000 * 1000).unwrap_or(at));
     let caller = admin.actor();
     let overrides = (!limits.is_empty()).then(|| LimitOverrides {
         account_id: account.id,
         limits,
         reason: reason.to_owned(),
-        expires_at: body.expires_at,
+        expires_at,
         set_by: format!("{}:{}", caller.kind(), caller.id().unwrap_or_default()),
         updated_at: now,
     });
@@ -334,7 +336,7 @@ pub async fn put_limits(
         .meta("account_id", account.id.to_string())
         .meta("reason", reason)
         .meta("limits", overrides.as_ref().map(|o| serde_json::to_value(&o.limits).unwrap_or_default()))
-        .meta("expires_at", body.expires_at.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()))
+        .meta("expires_at", expires_at.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()))
         .meta("previous", previous.as_ref().map(|o| serde_json::to_value(&o.limits).unwrap_or_default()));
     state.quotas.set_overrides(account.id, overrides.clone(), audit).await?;
     account_limits(&state, account, overrides).await

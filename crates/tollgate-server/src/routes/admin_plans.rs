@@ -110,12 +110,13 @@ pub async fn create_plan(
         let message = "the default plan is chosen in the plans file".to_owned();
         return Err(ApiError::Validation(vec![FieldError { field: "default", code: "not_allowed", message }]));
     }
+    serve_stored(&state).await;
     let catalog = state.catalog.get();
     let plan = plan_from_spec(key.clone(), spec, &catalog.meters).map_err(invalid)?;
     let now = OffsetDateTime::now_utc();
     let audit = plan_event(&admin, "admin.plan.created", &origin, &key, now)
         .meta("plan", serde_json::to_value(&plan).unwrap_or_default());
-    match state.store.put_plan(&plan, true, audit, now).await {
+    match state.store.put_plan(&plan, None, audit, now).await {
         Err(StoreError::Conflict("plans_key")) => return Err(ApiError::PlanExists(key)),
         other => other?,
     }
@@ -141,6 +142,9 @@ pub async fn update_plan(
     Path(key): Path<String>,
     ApiJson(patch): ApiJson<serde_json::Value>,
 ) -> ApiResult<Json<AdminPlan>> {
+    // The latest stored plans, not up to 5 s old ones; the store refuses the change
+    // if the plan still changed in between (409 `concurrent_change`).
+    serve_stored(&state).await;
     let catalog = state.catalog.get();
     let current = catalog.plans.get(&key).ok_or(ApiError::NotFound)?;
     let fields: Vec<String> = patch.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
@@ -154,7 +158,7 @@ pub async fn update_plan(
         .meta("before", serde_json::to_value(current).unwrap_or_default())
         .meta("after", serde_json::to_value(&plan).unwrap_or_default())
         .meta("archived", plan.archived);
-    state.store.put_plan(&plan, false, audit, now).await?;
+    state.store.put_plan(&plan, Some(current), audit, now).await?;
     serve_stored(&state).await;
     Ok(Json(AdminPlan::from(&plan)))
 }
@@ -174,9 +178,10 @@ pub async fn remove_plan(
     Origin(origin): Origin,
     Path(key): Path<String>,
 ) -> ApiResult<Json<PlanRemoved>> {
+    serve_stored(&state).await;
     let catalog = state.catalog.get();
     let plan = catalog.plans.get(&key).ok_or(ApiError::NotFound)?;
-    if plan.default {
+    if plan.default && !plan.archived {
         return Err(ApiError::DefaultPlan);
     }
     let now = OffsetDateTime::now_utc();

@@ -183,6 +183,8 @@ async fn limit_overrides(app: &TestApp, admin: &str, actor: &Value) {
 
     // Free allows 5 messages a day; the override gives 8 (the month stays unlimited).
     let expires = (time::OffsetDateTime::now_utc() + time::Duration::days(7))
+        .replace_nanosecond(0)
+        .unwrap()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
     let body = json!({
@@ -207,6 +209,10 @@ async fn limit_overrides(app: &TestApp, admin: &str, actor: &Value) {
     let reader = app.service_key(&["usage:read"]).await;
     let r = app.get_auth(&format!("/v1/accounts/{account}/entitlements"), &reader).await;
     assert_eq!(window(&r.body, "messages", "day")["limit"], 8, "{:?}", r.body);
+    // Which meters and until when; not the admin's reason nor who set them.
+    assert_eq!(r.body["limit_overrides"]["meters"], json!(["messages", "tokens"]));
+    assert_eq!(r.body["limit_overrides"]["expires_at"], json!(expires));
+    assert!(r.body["limit_overrides"].get("reason").is_none() && !r.body.to_string().contains("pilot customer"));
 
     // Refused, changing nothing: unknown meter, wrong shape for the kind, no reason,
     // an expiry in the past, a bad id.
@@ -230,7 +236,9 @@ async fn limit_overrides(app: &TestApp, admin: &str, actor: &Value) {
         )
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    assert_eq!(app.get_auth(&path, admin).await.body["overrides"]["limits"]["messages"]["kind"], "counter");
+    let unchanged = app.get_auth(&path, admin).await.body;
+    assert_eq!(unchanged["overrides"]["limits"]["messages"]["windows"][0]["limit"], 8, "{unchanged:?}");
+    assert_eq!((&unchanged["overrides"]["expires_at"], &unchanged["in_force"]), (&json!(expires), &json!(true)));
 
     // Cleared: the plan's 5 a day applies again (8 already used).
     let r = app.request(Method::PUT, &path, Some(admin), Some(json!({ "limits": {}, "reason": "pilot over" }))).await;

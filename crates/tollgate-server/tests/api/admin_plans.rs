@@ -161,6 +161,8 @@ async fn users_cannot_change_plans() {
         assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
         let r = app.request(Method::DELETE, "/v1/admin/plans/pro", Some(token), None).await;
         assert_eq!(r.status, StatusCode::FORBIDDEN);
+        let r = app.request(Method::PATCH, "/v1/admin/plans/pro", Some(token), Some(json!({ "order": 1 }))).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
     }
     assert_eq!(plan_keys(&app, "/v1/admin/plans", Some(&reader)).await.len(), 4, "admin:read lists");
     app.stop().await;
@@ -196,6 +198,36 @@ async fn the_plans_file_wins_only_when_it_changes() {
     let admin = self::admin(&app).await;
     let keys = plan_keys(&app, "/v1/admin/plans", Some(&admin)).await;
     assert_eq!(keys.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["free", "pro", "max", "enterprise"]);
+    // An account on "free" explicitly, before the file moves the default to "pro".
+    let service = app.service_key(&["accounts:write", "usage:read"]).await;
+    for external in ["cus_free", "cus_none"] {
+        assert!(app.post_auth("/v1/accounts", &service, json!({ "external_id": external })).await.status.is_success());
+    }
+    let r = app.post_auth("/v1/accounts/ext:cus_free/subscription", &service, json!({ "plan": "free" })).await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    app.stop().await;
+
+    // "free" leaves the file, still used: archived, with `default` in its definition.
+    let free = text.find("[plans.free]").unwrap();
+    let pro = text.find("[plans.pro]").unwrap();
+    let moved = format!("{}{}", &text[..free], &text[pro..]).replace("[plans.pro]\n", "[plans.pro]\ndefault = true\n");
+    std::fs::write(&file, moved).unwrap();
+    let app = start().await;
+    let admin = self::admin(&app).await;
+    let service = app.service_key(&["usage:read"]).await;
+    let plan_of = |external: &'static str| {
+        let (app, service) = (&app, &service);
+        async move { app.get_auth(&format!("/v1/accounts/ext:{external}/entitlements"), service).await.body["plan"].clone() }
+    };
+    assert_eq!(plan_of("cus_none").await, "pro", "the new default, not the archived former one");
+    assert_eq!(plan_of("cus_free").await, "free", "its subscriber keeps it");
+    assert!(plan_keys(&app, "/v1/admin/plans", Some(&admin)).await.contains(&("free".into(), true)));
+    let r = app.request(Method::PATCH, "/v1/admin/plans/free", Some(&admin), Some(json!({ "archived": false }))).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "a former default is not sold again: {:?}", r.body);
+    let r = app.request(Method::DELETE, "/v1/admin/plans/free", Some(&admin), None).await;
+    assert_eq!((r.status, &r.body["outcome"]), (StatusCode::OK, &json!("archived")), "{:?}", r.body);
+    let r = app.request(Method::DELETE, "/v1/admin/plans/pro", Some(&admin), None).await;
+    assert_eq!((r.status, r.code()), (StatusCode::CONFLICT, "default_plan"));
     app.stop().await;
 }
 
