@@ -153,8 +153,20 @@ pub fn span(window: Window, now: Timestamp, anchor: Option<Timestamp>) -> Span {
 pub fn key(window: Window, now: Timestamp, anchor: Option<Timestamp>) -> String {
     let date = whole_second(now).date();
     match window {
-        Window::Day => format!("d:{:04}-{:02}-{:02}", date.year(), u8::from(date.month()), date.day()),
-        Window::Month => format!("m:{:04}-{:02}", date.year(), u8::from(date.month())),
+        // `d:YYYY-MM-DD` and `m:YYYY-MM`, written without `fmt` (on every decision).
+        Window::Day | Window::Month if date.year() < 0 => fmt_key(window, date),
+        Window::Day | Window::Month => {
+            let mut key = String::with_capacity(12);
+            key.push_str(if window == Window::Day { "d:" } else { "m:" });
+            push_padded(&mut key, date.year().into(), 4);
+            key.push('-');
+            push_padded(&mut key, u8::from(date.month()).into(), 2);
+            if window == Window::Day {
+                key.push('-');
+                push_padded(&mut key, date.day().into(), 2);
+            }
+            key
+        }
         // Keyed by its start, and never `m:` even without an anchor, so a meter limited
         // per month and per billing period keeps two counters.
         Window::BillingPeriod => format!("b:{}", span(window, now, anchor).start.unix_timestamp()),
@@ -200,6 +212,24 @@ pub fn rolling_bucket_keys(seconds: u64, now: Timestamp) -> Arc<[String]> {
         recent.push((seconds, b.current, keys.clone()));
         keys
     })
+}
+
+/// The day and month keys as `format!` writes them (years before 0, and the tests).
+fn fmt_key(window: Window, date: Date) -> String {
+    match window {
+        Window::Day => format!("d:{:04}-{:02}-{:02}", date.year(), u8::from(date.month()), date.day()),
+        _ => format!("m:{:04}-{:02}", date.year(), u8::from(date.month())),
+    }
+}
+
+/// Appends `n` (non-negative) in decimal, zero-padded to `width` digits.
+fn push_padded(out: &mut String, n: i64, width: usize) {
+    let start = out.len();
+    push_decimal(out, n);
+    let digits = out.len() - start;
+    for _ in digits..width {
+        out.insert(start, '0');
+    }
 }
 
 /// Appends `n` in decimal.
@@ -304,7 +334,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use time::Duration;
-    use time::macros::datetime;
+    use time::macros::{date, datetime};
 
     const ALL: [Window; 5] =
         [Window::Day, Window::Month, Window::BillingPeriod, Window::Lifetime, Window::Rolling { seconds: 3600 }];
@@ -338,6 +368,13 @@ mod tests {
         let now = datetime!(2026-11-23 13:45:10.5 UTC);
         assert_eq!(span(Window::Day, now, None), both(datetime!(2026-11-23 0:00 UTC), datetime!(2026-11-24 0:00 UTC)));
         assert_eq!(key(Window::Day, now, None), "d:2026-11-23");
+        // The hand-written keys are exactly `format!`'s, early years included.
+        for date in [date!(0001 - 01 - 01), date!(0999 - 12 - 31), date!(2026 - 02 - 28), date!(9999 - 12 - 31)] {
+            let at = date.midnight().assume_utc();
+            for w in [Window::Day, Window::Month] {
+                assert_eq!(key(w, at, None), fmt_key(w, date));
+            }
+        }
         assert_eq!(
             span(Window::Month, now, None),
             both(datetime!(2026-11-01 0:00 UTC), datetime!(2026-12-01 0:00 UTC))
