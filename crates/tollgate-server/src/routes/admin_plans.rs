@@ -133,6 +133,7 @@ pub async fn create_plan(
     responses(
         (status = 200, description = "Changed", body = AdminPlan),
         (status = 404, description = "No such plan", body = ErrorResponse),
+        (status = 409, description = "`concurrent_change`: the plan changed since it was read", body = ErrorResponse),
         (status = 422, description = "`invalid_plan`, e.g. archiving the default plan", body = ErrorResponse),
     ))]
 pub async fn update_plan(
