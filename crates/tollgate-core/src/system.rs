@@ -40,4 +40,6 @@ pub struct CleanupReport {
     pub sessions: u64,
     pub refresh_tokens: u64,
     pub reservations: u64,
+    /// Accounts' limit overrides past their expiry (the audit log keeps their history).
+    pub limit_overrides: u64,
 }

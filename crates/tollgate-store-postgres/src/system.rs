@@ -57,6 +57,7 @@ pub(crate) async fn cleanup(
             retention.usage_events_before,
         )
         .await?,
+        limit_overrides: run("DELETE FROM limit_overrides WHERE expires_at <= $1", retention.now).await?,
     };
     let audit = audit.meta("deleted", serde_json::to_value(&report).unwrap_or_default());
     insert_audit(&mut tx, &audit).await?;

@@ -54,6 +54,7 @@ pub(crate) async fn cleanup(
         sessions: run("DELETE FROM sessions WHERE expires_at <= ?1", now).await?,
         reservations: run("DELETE FROM usage_reservations WHERE status <> 'pending' AND settled_at < ?1", usage_before)
             .await?,
+        limit_overrides: run("DELETE FROM limit_overrides WHERE expires_at <= ?1", now).await?,
     };
     let audit = audit.meta("deleted", serde_json::to_value(&report).unwrap_or_default());
     insert_audit(&mut tx, &audit).await?;

@@ -773,12 +773,28 @@ pub async fn cleanup_deletes_only_what_retention_names(store: Arc<dyn Store>) {
     store.consume_usage(consume(now, account, 1, lifetime())).await.unwrap();
     let backlogs = store.backlogs(now).await.unwrap();
     assert_eq!((backlogs.emails_pending, backlogs.webhook_events_last_24h), (0, 0));
+    // An expired override goes, one still in force stays.
+    let other = external(&store, "cus_cleanup_live").await;
+    for (id, expires_at) in [(account, now - Duration::seconds(1)), (other, now + Duration::days(1))] {
+        let overrides = crate::metering::overrides::LimitOverrides {
+            account_id: id,
+            limits: [("gpu".to_owned(), Allowance::Flag { enabled: true })].into(),
+            reason: "trial".into(),
+            expires_at: Some(expires_at),
+            set_by: "system:".into(),
+            updated_at: now,
+        };
+        store.set_limit_overrides(id, Some(overrides), audit("admin.limits.set", now)).await.unwrap();
+    }
 
     let retention =
         Retention { usage_events_before: now - Duration::days(90), audit_before: now - Duration::days(365), now };
     let report = store.cleanup(retention, audit("admin.system.cleanup", now)).await.unwrap();
     assert_eq!((report.usage_events, report.audit_events), (1, 1));
     assert_eq!((report.sessions, report.refresh_tokens), (1, 1));
+    assert_eq!(report.limit_overrides, 1);
+    assert!(store.limit_overrides(account).await.unwrap().is_none());
+    assert!(store.limit_overrides(other).await.unwrap().is_some());
     let actions: Vec<String> = store
         .list_audit(AuditQuery { limit: 50, ..Default::default() })
         .await
