@@ -381,7 +381,8 @@ pub trait Store: BillingStore + Send + Sync + 'static {
     async fn reset_counters(&self, reset: CounterReset) -> Result<u64, StoreError>;
 
     /// Replaces an account's limit overrides (`None`: removes them) and writes the
-    /// audit event, in one transaction. `NotFound` when the account does not exist.
+    /// audit event, with the limits replaced as its `previous` metadata, in one
+    /// transaction. `NotFound` when the account does not exist.
     async fn set_limit_overrides(
         &self,
         account: AccountId,

@@ -40,6 +40,16 @@ pub(crate) async fn set(
     if exists.is_none() {
         return Err(StoreError::NotFound);
     }
+    // What this replaces, read under the same lock, for the audit event.
+    let previous = sqlx::query("SELECT * FROM limit_overrides WHERE account_id = ?1")
+        .bind(account.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?
+        .as_ref()
+        .map(overrides)
+        .transpose()?;
+    let audit = audit.meta("previous", previous.map(|p| serde_json::to_value(&p.limits).unwrap_or_default()));
     match value {
         None => {
             sqlx::query("DELETE FROM limit_overrides WHERE account_id = ?1")

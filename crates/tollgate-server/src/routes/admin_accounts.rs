@@ -318,7 +318,6 @@ pub async fn put_limits(
         return Err(ApiError::Validation(errors));
     }
     let account = resolve_account(&state, &id).await?;
-    let previous = state.store.limit_overrides(account.id).await?;
     // Whole microseconds, as both stores keep it, so this node serves what others read.
     let expires_at = body.expires_at.map(|at| at.replace_nanosecond(at.nanosecond() / 1000 * 1000).unwrap_or(at));
     let caller = admin.actor();
@@ -336,8 +335,7 @@ pub async fn put_limits(
         .meta("account_id", account.id.to_string())
         .meta("reason", reason)
         .meta("limits", overrides.as_ref().map(|o| serde_json::to_value(&o.limits).unwrap_or_default()))
-        .meta("expires_at", expires_at.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()))
-        .meta("previous", previous.as_ref().map(|o| serde_json::to_value(&o.limits).unwrap_or_default()));
+        .meta("expires_at", expires_at.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()));
     state.quotas.set_overrides(account.id, overrides.clone(), audit).await?;
     account_limits(&state, account, overrides).await
 }
