@@ -6,7 +6,6 @@ use std::sync::Arc;
 use time::Duration;
 
 use super::{audit, new_user, session_for, t0};
-use crate::accounts::{Subscription, SubscriptionStatus};
 use crate::admin::{PlanFilter, UserChange, UserQuery, UserSort};
 use crate::audit::{Actor, AuditEvent, AuditQuery, RequestOrigin, Severity};
 use crate::identity::{EmailAddress, RefreshOutcome, Role, SecretToken, UserStatus};
@@ -69,20 +68,7 @@ pub async fn admin_user_lists_filter_sort_and_page(store: Arc<dyn Store>) {
 
     // Plans: a live subscription's plan; the default plan for the others.
     let carol = store.user_by_id(ids[0]).await.unwrap().unwrap();
-    let sub = Subscription {
-        account_id: carol.account_id,
-        plan: "pro".into(),
-        status: SubscriptionStatus::Active,
-        provider: "manual".into(),
-        started_at: now,
-        trial_ends_at: None,
-        cancel_at_period_end: false,
-        scheduled_plan: None,
-        scheduled_at: None,
-        updated_at: now,
-        provider_subscription_id: None,
-        provider_state_at: None,
-    };
+    let sub = super::manual_subscription(carol.account_id, "pro", now);
     store.put_subscription(sub, None, audit("subscription.changed", now)).await.unwrap();
     let plan = |key: &str, is_default| UserQuery {
         plan: Some(PlanFilter { key: key.into(), is_default }),

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use time::Duration;
 
 use crate::Timestamp;
+use crate::accounts::{Subscription, SubscriptionStatus};
 use crate::audit::{Actor, AuditEvent, AuditQuery, RequestOrigin};
 use crate::email::{self, EmailTemplate};
 use crate::identity::{
@@ -104,6 +105,29 @@ pub fn t0() -> Timestamp {
 
 fn origin() -> RequestOrigin {
     RequestOrigin { ip: Some("127.0.0.1".into()), user_agent: Some("conformance".into()), impersonator: None }
+}
+
+/// The audit events of one action, newest first (at most 200).
+pub(crate) async fn events_of(store: &Arc<dyn Store>, action: &str) -> Vec<AuditEvent> {
+    store.list_audit(AuditQuery { action: Some(action.into()), limit: 200, ..Default::default() }).await.unwrap()
+}
+
+/// An active `manual` subscription to `plan` started at `now`, nothing scheduled.
+pub(crate) fn manual_subscription(account: AccountId, plan: &str, now: Timestamp) -> Subscription {
+    Subscription {
+        account_id: account,
+        plan: plan.into(),
+        status: SubscriptionStatus::Active,
+        provider: "manual".into(),
+        started_at: now,
+        trial_ends_at: None,
+        cancel_at_period_end: false,
+        scheduled_plan: None,
+        scheduled_at: None,
+        updated_at: now,
+        provider_subscription_id: None,
+        provider_state_at: None,
+    }
 }
 
 pub(crate) fn audit(action: &str, now: Timestamp) -> AuditEvent {

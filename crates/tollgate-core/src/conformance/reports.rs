@@ -33,20 +33,7 @@ async fn external(store: &Arc<dyn Store>, external_id: &str) -> AccountId {
 
 async fn subscribe(store: &Arc<dyn Store>, account: AccountId, plan: &str, status: SubscriptionStatus) {
     let now = t0();
-    let sub = Subscription {
-        account_id: account,
-        plan: plan.into(),
-        status,
-        provider: "manual".into(),
-        started_at: now,
-        trial_ends_at: None,
-        cancel_at_period_end: false,
-        scheduled_plan: None,
-        scheduled_at: None,
-        updated_at: now,
-        provider_subscription_id: None,
-        provider_state_at: None,
-    };
+    let sub = Subscription { status, ..super::manual_subscription(account, plan, now) };
     store.put_subscription(sub, None, audit("subscription.changed", now)).await.unwrap();
 }
 

@@ -90,28 +90,12 @@ pub async fn catalog_apply_is_idempotent_and_archives_plans_in_use(store: Arc<dy
     assert!(again.created.is_empty() && again.updated.is_empty() && again.deleted.is_empty());
     assert_eq!(again.unchanged.len(), 4);
     // Audited in the same transaction, only when something changed.
-    let applied = store
-        .list_audit(AuditQuery { action: Some("plans.applied".into()), limit: 10, ..Default::default() })
-        .await
-        .unwrap();
+    let applied = super::events_of(&store, "plans.applied").await;
     assert_eq!(applied.len(), 1, "the idempotent second apply writes no event");
     assert_eq!(applied[0].metadata["created"].as_array().unwrap().len(), 4);
     // "pro" is in use by a subscription, "old" is not.
     let account = external(&store, "cus_1").await;
-    let sub = Subscription {
-        account_id: account,
-        plan: "pro".into(),
-        status: SubscriptionStatus::Active,
-        provider: "manual".into(),
-        started_at: now,
-        trial_ends_at: None,
-        cancel_at_period_end: false,
-        scheduled_plan: None,
-        scheduled_at: None,
-        updated_at: now,
-        provider_subscription_id: None,
-        provider_state_at: None,
-    };
+    let sub = super::manual_subscription(account, "pro", now);
     let previous = store.subscription(sub.account_id).await.unwrap().map(|s| s.updated_at);
     store.put_subscription(sub, previous, audit("subscription.changed", now)).await.unwrap();
     let second = catalog(vec![plan("free", true, 10)]);
@@ -208,20 +192,7 @@ pub async fn subscriptions_are_one_per_account(store: Arc<dyn Store>) {
 pub async fn subscription_changes_compare_and_set(store: Arc<dyn Store>) {
     let now = t0();
     let account = external(&store, "cus_cas").await;
-    let base = Subscription {
-        account_id: account,
-        plan: "pro".into(),
-        status: SubscriptionStatus::Active,
-        provider: "manual".into(),
-        started_at: now,
-        trial_ends_at: None,
-        cancel_at_period_end: false,
-        scheduled_plan: None,
-        scheduled_at: None,
-        updated_at: now,
-        provider_subscription_id: None,
-        provider_state_at: None,
-    };
+    let base = super::manual_subscription(account, "pro", now);
     store.put_subscription(base.clone(), None, audit("sub.first", now)).await.unwrap();
     // Created from "none" again: someone created it first.
     let again = Subscription { plan: "max".into(), ..base.clone() };
@@ -712,10 +683,7 @@ pub async fn quota_resets_start_windows_over(store: Arc<dyn Store>) {
     let d = store.consume_usage(consume(now, account, 3, windows())).await.unwrap();
     assert!(d.allowed, "the day has room again");
     assert_eq!((d.windows[0].used, d.windows[1].used), (3, 6));
-    let events = store
-        .list_audit(AuditQuery { action: Some("admin.quota.reset".into()), limit: 10, ..Default::default() })
-        .await
-        .unwrap();
+    let events = super::events_of(&store, "admin.quota.reset").await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].metadata["rows_deleted"], 1);
 
@@ -859,10 +827,7 @@ pub async fn api_keys_are_found_listed_revoked_and_limited(store: Arc<dyn Store>
     }
     let r = store.create_api_key(key(account, now), api_keys::digest("one-more"), audit("api_key.created", now)).await;
     assert!(matches!(r, Err(StoreError::Conflict("api_keys_limit"))), "{r:?}");
-    let events = store
-        .list_audit(AuditQuery { action: Some("api_key.created".into()), limit: 200, ..Default::default() })
-        .await
-        .unwrap();
+    let events = super::events_of(&store, "api_key.created").await;
     assert_eq!(events.len(), MAX_PER_ACCOUNT + 1, "the refused key left no event");
 }
 
@@ -910,16 +875,7 @@ pub async fn limit_overrides_replace_expire_and_audit(store: Arc<dyn Store>) {
     let err =
         store.set_limit_overrides(missing, Some(set(missing, vec![], None)), audit("admin.limits.set", now)).await;
     assert!(matches!(err, Err(StoreError::NotFound)), "{err:?}");
-    let count = |action: &'static str| {
-        let store = store.clone();
-        async move {
-            store
-                .list_audit(AuditQuery { action: Some(action.into()), limit: 10, ..Default::default() })
-                .await
-                .unwrap()
-                .len()
-        }
-    };
+    let count = async |action| super::events_of(&store, action).await.len();
     assert_eq!((count("admin.limits.set").await, count("admin.limits.cleared").await), (3, 1));
 }
 
@@ -956,18 +912,9 @@ pub async fn plans_are_created_replaced_and_removed_one_at_a_time(store: Arc<dyn
     let account = external(&store, "cus_plans").await;
     store.put_plan(&plan("later", false, 5), None, audit("admin.plan.created", now), now).await.unwrap();
     let sub = Subscription {
-        account_id: account,
-        plan: "team".into(),
-        status: SubscriptionStatus::Active,
-        provider: "manual".into(),
-        started_at: now,
-        trial_ends_at: None,
-        cancel_at_period_end: false,
         scheduled_plan: Some("later".into()),
         scheduled_at: Some(now + Duration::days(30)),
-        updated_at: now,
-        provider_subscription_id: None,
-        provider_state_at: None,
+        ..super::manual_subscription(account, "team", now)
     };
     store.put_subscription(sub, None, audit("subscription.changed", now)).await.unwrap();
     assert_eq!(store.remove_plan("team", audit("admin.plan.removed", now), now).await.unwrap(), PlanRemoval::Archived);
@@ -981,22 +928,10 @@ pub async fn plans_are_created_replaced_and_removed_one_at_a_time(store: Arc<dyn
     let stored = store.stored_catalog().await.unwrap().unwrap();
     assert!(stored.plans["team"].archived && stored.plans["later"].archived);
     assert!(!stored.plans.contains_key("unused"));
-    let removed = store
-        .list_audit(AuditQuery { action: Some("admin.plan.removed".into()), limit: 10, ..Default::default() })
-        .await
-        .unwrap();
+    let removed = super::events_of(&store, "admin.plan.removed").await;
     let outcomes: Vec<&serde_json::Value> = removed.iter().map(|e| &e.metadata["outcome"]).collect();
     assert_eq!(outcomes, vec!["deleted", "archived", "archived"], "newest first, refusals not audited");
-    let written = |action: &'static str| {
-        let store = store.clone();
-        async move {
-            store
-                .list_audit(AuditQuery { action: Some(action.into()), limit: 20, ..Default::default() })
-                .await
-                .unwrap()
-                .len()
-        }
-    };
+    let written = async |action| super::events_of(&store, action).await.len();
     assert_eq!(
         (written("admin.plan.created").await, written("admin.plan.updated").await),
         (3, 3),
