@@ -39,10 +39,15 @@ const APPLIED_DIGEST: &str = "plans_file_digest";
 /// and remembers which file it was.
 pub async fn apply_file(store: &Arc<dyn Store>, path: &Path) -> anyhow::Result<(Catalog, CatalogChanges)> {
     let (catalog, digest) = read_file(path)?;
-    let now = time::OffsetDateTime::now_utc();
-    let changes = store.apply_catalog(&catalog, now).await?;
-    store.put_setting(APPLIED_DIGEST, &digest, now).await?;
+    let changes = apply(store, &catalog, &digest).await?;
     Ok((catalog, changes))
+}
+
+async fn apply(store: &Arc<dyn Store>, catalog: &Catalog, digest: &str) -> anyhow::Result<CatalogChanges> {
+    let now = time::OffsetDateTime::now_utc();
+    let changes = store.apply_catalog(catalog, now).await?;
+    store.put_setting(APPLIED_DIGEST, digest, now).await?;
+    Ok(changes)
 }
 
 /// The catalog to serve at start. The plans file, when it exists, is applied if it
@@ -59,8 +64,7 @@ pub async fn at_start(store: &Arc<dyn Store>, path: &Path) -> anyhow::Result<Cat
         if store.setting(APPLIED_DIGEST).await?.as_deref() == Some(digest.as_str()) {
             tracing::info!(path = %path.display(), "plans file unchanged since last applied: serving the stored plans");
         } else {
-            let (_, changes) = apply_file(store, path).await?;
-            log_changes(&changes);
+            log_changes(&apply(store, &file, &digest).await?);
         }
         credit_packages = file.credit_packages;
     }

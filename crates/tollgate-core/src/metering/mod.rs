@@ -38,14 +38,15 @@ pub struct WindowCheck {
 
 impl WindowCheck {
     pub fn for_limit(limit: &WindowLimit, now: Timestamp, anchor: Option<Timestamp>) -> Self {
-        let count_keys = match limit.window {
+        let count_keys: std::sync::Arc<[String]> = match limit.window {
             Window::Rolling { seconds } => window::rolling_bucket_keys(seconds, now),
             other => [window::key(other, now, anchor)].into(),
         };
         Self {
             window: limit.window,
             limit: limit.limit,
-            increment_key: window::key(limit.window, now, anchor),
+            // The current instance's key, already built: the last (or only) one counted.
+            increment_key: count_keys.last().cloned().unwrap_or_else(|| window::key(limit.window, now, anchor)),
             count_keys,
             resets_at: window::resets_at(limit.window, now, anchor),
         }
