@@ -30,6 +30,15 @@ use crate::state::AppState;
 
 const MAX_REASON: usize = 500;
 
+/// The reason an admin gives for a change, trimmed; 1 to [`MAX_REASON`] characters.
+fn checked_reason<'a>(reason: &'a str, errors: &mut Vec<FieldError>) -> &'a str {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.chars().count() > MAX_REASON {
+        errors.push(FieldError { field: "reason", code: "invalid", message: format!("1 to {MAX_REASON} characters") });
+    }
+    reason
+}
+
 fn account_event(
     admin: &Admin,
     action: &str,
@@ -75,11 +84,7 @@ pub async fn adjust_credits(
         let message = format!("-{MAX_CREDIT_AMOUNT} to {MAX_CREDIT_AMOUNT}, not 0");
         errors.push(FieldError { field: "amount", code: "out_of_range", message });
     }
-    let reason = body.reason.trim();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON {
-        let message = format!("1 to {MAX_REASON} characters");
-        errors.push(FieldError { field: "reason", code: "invalid", message });
-    }
+    let reason = checked_reason(&body.reason, &mut errors);
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
@@ -278,10 +283,7 @@ pub async fn put_limits(
     let now = OffsetDateTime::now_utc();
     let catalog = state.catalog.get();
     let mut errors = Vec::new();
-    let reason = body.reason.trim();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON {
-        errors.push(FieldError { field: "reason", code: "invalid", message: format!("1 to {MAX_REASON} characters") });
-    }
+    let reason = checked_reason(&body.reason, &mut errors);
     if body.expires_at.is_some_and(|at| at <= now) {
         errors.push(FieldError { field: "expires_at", code: "in_the_past", message: "must be in the future".into() });
     }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tollgate_core::audit::{AuditEvent, RequestOrigin, Severity};
 use tollgate_core::identity::flows::FieldError;
-use tollgate_core::plans::{Plan, PlanError, PlanPatch, PlanSpec, plan_from_spec};
+use tollgate_core::plans::{Plan, PlanPatch, PlanSpec, plan_from_spec};
 use tollgate_core::store::{PlanRemoval, StoreError};
 use utoipa::ToSchema;
 
@@ -49,7 +49,8 @@ pub struct PlanRemoved {
     pub outcome: PlanRemoval,
 }
 
-fn invalid(errors: Vec<PlanError>) -> ApiError {
+/// 422 `invalid_plan`, one entry per problem (validation, or a body that is not a plan).
+fn invalid<E: ToString>(errors: impl IntoIterator<Item = E>) -> ApiError {
     ApiError::Validation(
         errors
             .into_iter()
@@ -103,9 +104,7 @@ pub async fn create_plan(
             return Err(ApiError::Validation(vec![FieldError { field: "key", code: "required", message }]));
         }
     };
-    let spec: PlanSpec = serde_json::from_value(serde_json::Value::Object(body)).map_err(|e| {
-        ApiError::Validation(vec![FieldError { field: "plan", code: "invalid_plan", message: e.to_string() }])
-    })?;
+    let spec: PlanSpec = serde_json::from_value(serde_json::Value::Object(body)).map_err(|e| invalid([e]))?;
     if spec.default {
         let message = "the default plan is chosen in the plans file".to_owned();
         return Err(ApiError::Validation(vec![FieldError { field: "default", code: "not_allowed", message }]));
@@ -149,9 +148,7 @@ pub async fn update_plan(
     let catalog = state.catalog.get();
     let current = catalog.plans.get(&key).ok_or(ApiError::NotFound)?;
     let fields: Vec<String> = patch.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
-    let patch: PlanPatch = serde_json::from_value(patch).map_err(|e| {
-        ApiError::Validation(vec![FieldError { field: "plan", code: "invalid_plan", message: e.to_string() }])
-    })?;
+    let patch: PlanPatch = serde_json::from_value(patch).map_err(|e| invalid([e]))?;
     let plan = current.patched(patch, &catalog.meters).map_err(invalid)?;
     let now = OffsetDateTime::now_utc();
     let audit = plan_event(&admin, "admin.plan.updated", &origin, &key, now)
