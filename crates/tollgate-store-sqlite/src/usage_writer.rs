@@ -15,29 +15,50 @@
 //! statement is a hop to sqlx's worker thread and back, two context switches that
 //! cost more than SQLite's own work (BENCHMARKS.md). SQLite still sees one writer at
 //! a time: the batch holds the store's single sqlx writer connection, untouched, as
-//! its write lock, so no other write of the store can start meanwhile.
+//! its write lock, so no other write of the store can start meanwhile (kept over
+//! back-to-back batches for up to [`HOLD_LOCK_FOR`], given back whenever the queue is
+//! empty).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use sqlx::Sqlite;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
+use tollgate_core::StoreError;
 use tollgate_core::credits::CreditTransfer;
 use tollgate_core::ids::{AccountId, ReservationId, UsageEventId};
 use tollgate_core::metering::{
     self, CounterReset, CreditFunding, ReservationAction, ReservationStatus, UsageDecision, UsageRequest, WindowState,
 };
-use tollgate_core::{StoreError, Timestamp};
 
 use crate::rows::micros;
 use crate::{db_error, sql_error};
 
 /// Most consumes committed together; a larger batch waits in the channel.
 const MAX_BATCH: usize = 512;
+/// Longest the writer keeps the store's write lock over back-to-back batches. Giving
+/// it back costs a round trip to sqlx's SQLite thread (sqlx pings a connection
+/// returning to its pool), and the next batch waited for it on a busy machine; other
+/// writes wait at most this long (plus a batch) under a stream of consumes.
+const HOLD_LOCK_FOR: Duration = Duration::from_millis(2);
 /// Counter rows kept in memory before the cache is dropped and reloaded lazily.
 const MAX_CACHED: usize = 200_000;
 
 type CounterKey = (AccountId, String, String);
+
+/// A counter's key borrowed from a request, to look a [`CounterKey`] up without
+/// building one (two strings per window per consume). Hashes as the tuple does.
+#[derive(Hash)]
+struct CounterRef<'a>(AccountId, &'a str, &'a str);
+
+impl hashbrown::Equivalent<CounterKey> for CounterRef<'_> {
+    fn equivalent(&self, key: &CounterKey) -> bool {
+        self.0 == key.0 && self.1 == key.1 && self.2 == key.2
+    }
+}
 
 /// What the writer is asked to do: a usage request, or an admin's quota reset (here
 /// because this task is the only writer of the counters it remembers).
@@ -116,12 +137,13 @@ impl UsageWriter {
     }
 }
 
-/// What a batch will write, accumulated while its consumes are decided.
+/// What a batch will write, accumulated while its consumes are decided; it borrows
+/// names and keys from the batch's requests, which outlive it.
 #[derive(Default)]
-struct Pending {
-    counters: HashMap<CounterKey, i64>,
-    events: Vec<Event>,
-    daily: HashMap<(AccountId, String, String), (i64, i64)>,
+struct Pending<'a> {
+    counters: hashbrown::HashMap<(AccountId, &'a str, &'a str), i64>,
+    events: Vec<Event<'a>>,
+    daily: hashbrown::HashMap<(AccountId, &'a str, time::Date), (i64, i64)>,
     answers: Vec<(String, String, String, String)>,
     /// Idempotency keys answered earlier in this batch: (scope, key) → (hash, answer).
     answered: HashMap<(String, String), (String, UsageDecision)>,
@@ -131,15 +153,15 @@ struct Pending {
     settled: Vec<(ReservationId, ReservationStatus, i64)>,
 }
 
-struct Event {
+struct Event<'a> {
     account: AccountId,
-    meter: String,
+    meter: &'a str,
     outcome: &'static str,
     amount: i64,
-    idempotency_key: Option<String>,
-    endpoint: Option<String>,
+    idempotency_key: Option<&'a str>,
+    endpoint: Option<&'a str>,
     metadata: Option<String>,
-    ip: Option<String>,
+    ip: Option<&'a str>,
     at: i64,
 }
 
@@ -167,13 +189,27 @@ fn open(options: &SqliteConnectOptions) -> Result<rusqlite::Connection, StoreErr
 
 #[derive(Default)]
 struct Cache {
-    counters: HashMap<CounterKey, i64>,
-    accounts: HashSet<AccountId>,
+    counters: hashbrown::HashMap<CounterKey, i64>,
+    accounts: hashbrown::HashSet<AccountId>,
 }
 
 async fn run(pool: SqlitePool, mut db: rusqlite::Connection, mut rx: mpsc::Receiver<Job>) {
     let mut cache = Cache::default();
-    while let Some(first) = rx.recv().await {
+    // The store's one writer connection, unused: while we hold it, no other write of
+    // this store can begin. Kept across back-to-back batches (see `HOLD_LOCK_FOR`).
+    let mut write_lock: Option<(PoolConnection<Sqlite>, Instant)> = None;
+    loop {
+        let first = match rx.try_recv() {
+            Ok(job) => job,
+            Err(_) => {
+                // Nothing queued: let other writes in while we wait.
+                write_lock = None;
+                match rx.recv().await {
+                    Some(job) => job,
+                    None => break,
+                }
+            }
+        };
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -184,18 +220,24 @@ async fn run(pool: SqlitePool, mut db: rusqlite::Connection, mut rx: mpsc::Recei
         if cache.counters.len() > MAX_CACHED {
             cache.counters.clear();
         }
-        // The store's one writer connection, unused: while we hold it, no other write
-        // of this store can begin.
-        let write_lock = match pool.acquire().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                let e = db_error(e);
-                tracing::error!(error = %e, batch = jobs.len(), "usage batch failed");
-                let message = e.to_string();
-                jobs.into_iter().for_each(|job| job.fail(&message));
-                continue;
+        if write_lock.as_ref().is_some_and(|(_, since)| since.elapsed() > HOLD_LOCK_FOR) {
+            // Releasing (after the answers) may checkpoint: see `checkpointer.rs` and
+            // the writer pool's `after_release`. The pool is fair: a write waiting
+            // for it goes before our next batch.
+            write_lock = None;
+        }
+        if write_lock.is_none() {
+            match pool.acquire().await {
+                Ok(conn) => write_lock = Some((conn, Instant::now())),
+                Err(e) => {
+                    let e = db_error(e);
+                    tracing::error!(error = %e, batch = jobs.len(), "usage batch failed");
+                    let message = e.to_string();
+                    jobs.into_iter().for_each(|job| job.fail(&message));
+                    continue;
+                }
             }
-        };
+        }
         match run_batch(&mut db, &mut cache, &jobs) {
             Ok(answers) => {
                 for (job, answer) in jobs.into_iter().zip(answers) {
@@ -211,9 +253,6 @@ async fn run(pool: SqlitePool, mut db: rusqlite::Connection, mut rx: mpsc::Recei
                 jobs.into_iter().for_each(|job| job.fail(&message));
             }
         }
-        // Releasing the lock (after the answers) may checkpoint: see
-        // `checkpointer.rs` and the writer pool's `after_release`.
-        drop(write_lock);
     }
 }
 
@@ -273,11 +312,11 @@ fn reset_counters(conn: &rusqlite::Connection, cache: &mut Cache, reset: &Counte
     Ok(deleted)
 }
 
-fn decide(
+fn decide<'a>(
     conn: &rusqlite::Connection,
     cache: &mut Cache,
-    pending: &mut Pending,
-    request: &UsageRequest,
+    pending: &mut Pending<'a>,
+    request: &'a UsageRequest,
 ) -> Result<Result<UsageDecision, StoreError>, StoreError> {
     if !cache.accounts.contains(&request.account) {
         let exists: bool = conn
@@ -338,9 +377,15 @@ fn decide(
         if applied.deltas[i] == 0 {
             continue;
         }
-        let key = (request.account, request.meter.clone(), window.increment_key.clone());
+        let key = CounterRef(request.account, &request.meter, &window.increment_key);
         // `counter` above loaded every count key; the increment key is one of them.
-        let value = cache.counters.entry(key.clone()).or_insert(0);
+        let value = match cache.counters.get_mut(&key) {
+            Some(value) => value,
+            None => cache
+                .counters
+                .entry((request.account, request.meter.clone(), window.increment_key.clone()))
+                .or_insert(0),
+        };
         // A refund on a rolling window takes from the current bucket only, which may
         // hold less than the window: a row never goes below zero, and the answer,
         // the event and the rollup report what was really taken.
@@ -348,7 +393,8 @@ fn decide(
         applied.after[i] = used[i].saturating_add(delta);
         applied.deltas[i] = delta;
         *value = value.saturating_add(delta);
-        let pending_delta = pending.counters.entry(key).or_insert(0);
+        let pending_delta =
+            pending.counters.entry((request.account, &request.meter, &window.increment_key)).or_insert(0);
         *pending_delta = pending_delta.saturating_add(delta);
     }
     match &request.reservation {
@@ -379,16 +425,16 @@ fn decide(
     let at = micros(request.now);
     pending.events.push(Event {
         account: request.account,
-        meter: request.meter.clone(),
+        meter: &request.meter,
         outcome,
         amount: event_amount,
-        idempotency_key: request.idempotency.as_ref().map(|i| i.key.clone()),
-        endpoint: request.context.endpoint.clone(),
+        idempotency_key: request.idempotency.as_ref().map(|i| i.key.as_str()),
+        endpoint: request.context.endpoint.as_deref(),
         metadata: request.context.metadata.as_ref().map(|m| m.to_string()),
-        ip: request.context.ip.clone(),
+        ip: request.context.ip.as_deref(),
         at,
     });
-    let daily = pending.daily.entry((request.account, request.meter.clone(), day_of(request.now))).or_insert((0, 0));
+    let daily = pending.daily.entry((request.account, &request.meter, request.now.date())).or_insert((0, 0));
     if applied.allowed {
         // Net change: consumes add (paid with credits too), refunds and lowered gauges subtract.
         let net = if credits_charged > 0 { request.amount } else { applied.deltas.first().copied().unwrap_or(0) };
@@ -412,8 +458,7 @@ fn counter(
     meter: &str,
     window_key: &str,
 ) -> Result<i64, StoreError> {
-    let key = (account, meter.to_owned(), window_key.to_owned());
-    if let Some(value) = cache.counters.get(&key) {
+    if let Some(value) = cache.counters.get(&CounterRef(account, meter, window_key)) {
         return Ok(*value);
     }
     let stored: Option<i64> = conn
@@ -423,12 +468,12 @@ fn counter(
         })
         .map_err(sql_error)?;
     let value = stored.unwrap_or(0);
-    cache.counters.insert(key, value);
+    cache.counters.insert((account, meter.to_owned(), window_key.to_owned()), value);
     Ok(value)
 }
 
-pub(crate) fn day_of(now: Timestamp) -> String {
-    let d = now.date();
+/// A daily rollup's day, as stored (`YYYY-MM-DD`, UTC).
+fn day_key(d: time::Date) -> String {
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
@@ -492,7 +537,7 @@ fn flush(conn: &rusqlite::Connection, pending: &Pending) -> Result<(), StoreErro
         )
         .map_err(sql_error)?;
     for ((account, meter, day), (consumed, denied)) in &pending.daily {
-        daily.execute(params![&account.0.as_bytes()[..], meter, day, consumed, denied]).map_err(sql_error)?;
+        daily.execute(params![&account.0.as_bytes()[..], meter, day_key(*day), consumed, denied]).map_err(sql_error)?;
     }
     for (id, account, meter, amount, windows, expires_at, created_at) in &pending.opened {
         conn.prepare_cached(
