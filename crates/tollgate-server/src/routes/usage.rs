@@ -5,7 +5,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -131,42 +131,42 @@ fn answer(
     reservation: Option<(uuid::Uuid, time::OffsetDateTime)>,
 ) -> Response {
     let decision = outcome.decision;
-    let warning = decision.windows.iter().any(|w| w.warning);
-    // The tightest limited window drives the quota headers.
-    let tightest =
-        decision.windows.iter().filter(|w| w.limit.is_some()).min_by_key(|w| w.remaining.unwrap_or(i64::MAX));
-    let denied_window = decision.denied_by.and_then(|d| decision.windows.iter().find(|w| w.window == d));
+    let reservation = reservation.filter(|_| decision.allowed);
     let body = UsageAnswer {
         allowed: decision.allowed,
         account_id,
-        meter: meter.clone(),
+        meter,
         amount,
         plan: outcome.plan,
-        windows: decision.windows.clone(),
-        warning,
-        upgrade_plans: outcome.upgrade_plans.clone(),
+        warning: decision.windows.iter().any(|w| w.warning),
+        windows: decision.windows,
+        upgrade_plans: outcome.upgrade_plans,
         credits_charged: decision.credits_charged,
         replayed: decision.replayed,
-        reservation_id: reservation.filter(|_| decision.allowed).map(|(id, _)| id),
-        expires_at: reservation.filter(|_| decision.allowed).map(|(_, at)| at),
+        reservation_id: reservation.map(|(id, _)| id),
+        expires_at: reservation.map(|(_, at)| at),
     };
-    let mut response = if decision.allowed {
-        (StatusCode::OK, Json(body)).into_response()
+    // The tightest limited window drives the quota headers.
+    let tightest = body.windows.iter().filter(|w| w.limit.is_some()).min_by_key(|w| w.remaining.unwrap_or(i64::MAX));
+    let quota_headers = tightest.map(|w| (w.limit, w.remaining, w.resets_at));
+    let mut response = if body.allowed {
+        json(StatusCode::OK, &body)
     } else {
+        let denied_window = decision.denied_by.and_then(|d| body.windows.iter().find(|w| w.window == d));
         let status = StatusCode::from_u16(outcome.meter.deny_status).unwrap_or(StatusCode::PAYMENT_REQUIRED);
         let details = serde_json::json!({
-            "meter": meter,
+            "meter": body.meter,
             "amount": amount,
             "window": denied_window.map(|w| w.window.as_string()),
             "limit": denied_window.and_then(|w| w.limit),
             "used": denied_window.map(|w| w.used),
             "resets_at": denied_window.and_then(|w| w.resets_at).map(|t| t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()),
-            "upgrade_plans": outcome.upgrade_plans,
+            "upgrade_plans": body.upgrade_plans,
             "plan": body.plan,
             "windows": body.windows,
         });
-        let error = serde_json::json!({ "error": { "code": "quota_exceeded", "message": format!("quota exceeded for {meter}"), "details": details } });
-        let mut response = (status, Json(error)).into_response();
+        let error = serde_json::json!({ "error": { "code": "quota_exceeded", "message": format!("quota exceeded for {}", body.meter), "details": details } });
+        let mut response = json(status, &error);
         if let Some(resets_at) = denied_window.and_then(|w| w.resets_at) {
             let wait = (resets_at - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
             let secs = ceil_secs(std::time::Duration::try_from(wait).unwrap_or_default()).max(1);
@@ -174,19 +174,31 @@ fn answer(
         }
         response
     };
-    if let Some(w) = tightest {
+    if let Some((limit, remaining, reset)) = quota_headers {
         let headers = response.headers_mut();
-        if let Some(limit) = w.limit {
+        if let Some(limit) = limit {
             headers.insert("x-quota-limit", HeaderValue::from(limit));
         }
-        if let Some(remaining) = w.remaining {
+        if let Some(remaining) = remaining {
             headers.insert("x-quota-remaining", HeaderValue::from(remaining));
         }
-        if let Some(reset) = w.resets_at {
+        if let Some(reset) = reset {
             headers.insert("x-quota-reset", HeaderValue::from(reset.unix_timestamp()));
         }
     }
     response
+}
+
+/// A JSON answer written into a buffer with room for a usage answer: axum's `Json`
+/// starts at 128 bytes and grows, copying, for every answer of this route.
+fn json(status: StatusCode, body: &impl Serialize) -> Response {
+    let mut buffer = Vec::with_capacity(1024);
+    match serde_json::to_writer(&mut buffer, body) {
+        Ok(()) => {
+            (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], buffer).into_response()
+        }
+        Err(e) => ApiError::Internal(e.to_string()).into_response(),
+    }
 }
 
 /// Which route a usage call came through.
