@@ -325,7 +325,7 @@ mod conformance {
     async fn first_migration_reports_what_it_applied() {
         let Some(database) = TestDatabase::create_empty().await else { return };
         let store = PgStore::connect(&database.url).await.unwrap();
-        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(store.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
         store.close().await;
         database.drop().await;
     }

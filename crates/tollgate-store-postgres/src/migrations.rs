@@ -24,6 +24,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (8, "api_keys", include_str!("../migrations/0008_api_keys.sql")),
     (9, "limit_overrides", include_str!("../migrations/0009_limit_overrides.sql")),
     (10, "settings", include_str!("../migrations/0010_settings.sql")),
+    (11, "usage_checks", include_str!("../migrations/0011_usage_checks.sql")),
 ];
 
 #[derive(Debug)]
