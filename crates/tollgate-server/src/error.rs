@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tollgate_core::StoreError;
@@ -201,6 +201,12 @@ pub fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+// Header names made once: a name inserted as a `&str` is parsed, and one that is not
+// a standard header copied into a new allocation, on every answer.
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
 /// `RateLimit-*` headers (IETF draft) plus `Retry-After` when denied.
 pub fn rate_limit_headers(
     headers: &mut HeaderMap,
@@ -209,9 +215,9 @@ pub fn rate_limit_headers(
     reset_after: Duration,
     retry_after: Option<Duration>,
 ) {
-    headers.insert("ratelimit-limit", HeaderValue::from(limit));
-    headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
-    headers.insert("ratelimit-reset", HeaderValue::from(ceil_secs(reset_after)));
+    headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(limit));
+    headers.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(remaining));
+    headers.insert(RATELIMIT_RESET.clone(), HeaderValue::from(ceil_secs(reset_after)));
     if let Some(retry) = retry_after {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(ceil_secs(retry).max(1)));
     }

@@ -231,9 +231,31 @@ pub struct WindowState {
     /// Usage after this request (when it was counted) or as it stands (when not).
     pub used: i64,
     pub remaining: Option<i64>,
-    #[serde(with = "time::serde::rfc3339::option")]
+    #[serde(with = "rfc3339_in_place")]
     pub resets_at: Option<Timestamp>,
     pub warning: bool,
+}
+
+/// `time::serde::rfc3339::option`, formatting into a buffer on the stack instead of
+/// a new `String`: every usage answer writes one per window.
+mod rfc3339_in_place {
+    use serde::{Serializer, ser::Error};
+    pub use time::serde::rfc3339::option::deserialize;
+
+    use crate::Timestamp;
+
+    pub fn serialize<S: Serializer>(at: &Option<Timestamp>, serializer: S) -> Result<S::Ok, S::Error> {
+        let Some(at) = at else { return serializer.serialize_none() };
+        // The longest RFC 3339 time is 35 bytes (nanoseconds and an offset).
+        let mut buffer = [0u8; 40];
+        let mut rest = &mut buffer[..];
+        at.format_into(&mut rest, &time::format_description::well_known::Rfc3339).map_err(S::Error::custom)?;
+        // What the formatter wrote is what it took off the front of `rest` (its own
+        // count leaves out some of its pieces).
+        let left = rest.len();
+        let written = buffer.len() - left;
+        serializer.serialize_some(std::str::from_utf8(&buffer[..written]).map_err(S::Error::custom)?)
+    }
 }
 
 /// The store's answer to a usage request.
@@ -388,6 +410,31 @@ pub fn plans_that_allow(catalog: &Catalog, meter: &str, windows: &[WindowState],
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Reset times serialise exactly as `time::serde::rfc3339` writes them, and read back.
+        #[test]
+        fn reset_times_serialise_as_time_does(secs in -62_000_000_000i64..250_000_000_000, nanos in 0u32..1_000_000_000, whole: bool, offset in -86_399i32..86_400) {
+            let at = time::OffsetDateTime::from_unix_timestamp(secs).unwrap()
+                + time::Duration::nanoseconds(if whole { 0 } else { i64::from(nanos) });
+            for at in [at, at.to_offset(time::UtcOffset::from_whole_seconds(offset - offset % 60).unwrap())] {
+                let state = WindowState { window: Window::Day, limit: None, used: 0, remaining: None, resets_at: Some(at), warning: false };
+                let json = serde_json::to_value(&state).unwrap();
+                let expected = at.format(&time::format_description::well_known::Rfc3339);
+                match expected {
+                    Ok(expected) => {
+                        proptest::prop_assert_eq!(json["resets_at"].as_str(), Some(expected.as_str()));
+                        let back: WindowState = serde_json::from_value(json).unwrap();
+                        proptest::prop_assert_eq!(back.resets_at, Some(at));
+                    }
+                    // Years before 0000 or after 9999 are not RFC 3339 for either.
+                    Err(_) => proptest::prop_assert!(serde_json::to_value(&state).is_err()),
+                }
+            }
+            let none = WindowState { window: Window::Day, limit: None, used: 0, remaining: None, resets_at: None, warning: false };
+            proptest::prop_assert_eq!(&serde_json::to_value(&none).unwrap()["resets_at"], &serde_json::Value::Null);
+        }
+    }
 
     fn check(limit: Option<i64>, window: Window) -> WindowCheck {
         WindowCheck { window, limit, count_keys: ["k".into()].into(), increment_key: "k".into(), resets_at: None }

@@ -5,7 +5,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -20,6 +20,11 @@ use crate::error::{ApiError, ApiResult, ceil_secs};
 use crate::extract::{ApiJson, Origin};
 use crate::service_key::Service;
 use crate::state::AppState;
+
+// Made once (see `crate::error`'s `RateLimit-*` names).
+static X_QUOTA_LIMIT: HeaderName = HeaderName::from_static("x-quota-limit");
+static X_QUOTA_REMAINING: HeaderName = HeaderName::from_static("x-quota-remaining");
+static X_QUOTA_RESET: HeaderName = HeaderName::from_static("x-quota-reset");
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -170,20 +175,20 @@ fn answer(
         if let Some(resets_at) = denied_window.and_then(|w| w.resets_at) {
             let wait = (resets_at - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
             let secs = ceil_secs(std::time::Duration::try_from(wait).unwrap_or_default()).max(1);
-            response.headers_mut().insert("retry-after", HeaderValue::from(secs));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     };
     if let Some((limit, remaining, reset)) = quota_headers {
         let headers = response.headers_mut();
         if let Some(limit) = limit {
-            headers.insert("x-quota-limit", HeaderValue::from(limit));
+            headers.insert(X_QUOTA_LIMIT.clone(), HeaderValue::from(limit));
         }
         if let Some(remaining) = remaining {
-            headers.insert("x-quota-remaining", HeaderValue::from(remaining));
+            headers.insert(X_QUOTA_REMAINING.clone(), HeaderValue::from(remaining));
         }
         if let Some(reset) = reset {
-            headers.insert("x-quota-reset", HeaderValue::from(reset.unix_timestamp()));
+            headers.insert(X_QUOTA_RESET.clone(), HeaderValue::from(reset.unix_timestamp()));
         }
     }
     response
@@ -431,7 +436,7 @@ pub async fn acquire(
     if let Some(expiry) = decision.next_expiry {
         let wait = std::time::Duration::try_from((expiry - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO))
             .unwrap_or_default();
-        response.headers_mut().insert("retry-after", HeaderValue::from(ceil_secs(wait).max(1)));
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(ceil_secs(wait).max(1)));
     }
     Ok(response)
 }
