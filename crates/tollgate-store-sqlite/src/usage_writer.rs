@@ -578,3 +578,20 @@ fn flush(conn: &rusqlite::Connection, pending: &Pending) -> Result<(), StoreErro
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A borrowed key finds the owned one (hashbrown needs both to hash alike), and
+    /// no other.
+    #[test]
+    fn a_borrowed_counter_key_finds_the_owned_one() {
+        let account = AccountId::new();
+        let mut counters = hashbrown::HashMap::new();
+        counters.insert((account, "requests".to_owned(), "d:2026-12-07".to_owned()), 7);
+        assert_eq!(counters.get(&CounterRef(account, "requests", "d:2026-12-07")), Some(&7));
+        assert_eq!(counters.get(&CounterRef(account, "requests", "m:2026-12")), None);
+        assert_eq!(counters.get(&CounterRef(AccountId::new(), "requests", "d:2026-12-07")), None);
+    }
+}
